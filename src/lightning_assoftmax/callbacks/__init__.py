@@ -1,0 +1,5 @@
+"""Lightning callbacks of the bundle (one per file, named for what it does)."""
+
+from lightning_assoftmax.callbacks.delta_warmup import DeltaWarmup
+
+__all__ = ["DeltaWarmup"]

@@ -1,0 +1,77 @@
+"""``DeltaWarmup``: the paper's ``r`` schedule for the AS-Softmax margin."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_assoftmax.callbacks._checks import require_mixin
+
+__all__ = ["DeltaWarmup"]
+
+
+class DeltaWarmup(Callback):
+    r"""Moves ``as_softmax_delta`` linearly from ``start_delta`` down to the module's target delta.
+
+    Over the first ``warmup_fraction`` (the paper's :math:`r`) of the optimizer steps that
+    ``trainer.estimated_stepping_batches`` predicts, then holds the target:
+
+    .. math:: \delta(s) = \delta_0 + (\delta^* - \delta_0)\,\min(1, s / (r\,S)).
+
+    With ``start_delta=1`` (default) training starts as plain softmax cross entropy.
+    ``warmup_fraction=0`` means no warm-up. Only the training loss follows the schedule; validation
+    and test use the target delta. Logs ``train/delta``. The step count comes from
+    ``trainer.global_step``, so a resumed run continues the schedule where it stopped.
+
+    Note:
+        ``estimated_stepping_batches`` assumes a constant ``accumulate_grad_batches``; with
+        ``AdaptiveGradAccumulation`` fewer optimizer steps happen, so the warm-up lasts a larger
+        share of training than ``warmup_fraction`` (it still ends at the same step).
+    """
+
+    def __init__(self, warmup_fraction: float = 0.1, start_delta: float = 1.0) -> None:
+        if isinstance(warmup_fraction, bool) or not isinstance(warmup_fraction, (int, float)):
+            raise TypeError(f"warmup_fraction must be a number in [0, 1], got {warmup_fraction!r}.")
+        if math.isnan(warmup_fraction) or not 0.0 <= warmup_fraction <= 1.0:
+            raise ValueError(
+                f"warmup_fraction must lie in [0, 1] (the share of training steps spent warming up), "
+                f"got {warmup_fraction!r}; use 0 for no warm-up."
+            )
+        if isinstance(start_delta, bool) or not isinstance(start_delta, (int, float)) or not 0.0 <= start_delta <= 1.0:
+            raise ValueError(f"start_delta must lie in [0, 1], got {start_delta!r}.")
+        self.warmup_fraction = float(warmup_fraction)
+        self.start_delta = float(start_delta)
+        self._warmup_steps = 0.0
+
+    def delta_at(self, step: int, target_delta: float) -> float:
+        """The scheduled delta after ``step`` optimizer steps."""
+        if self._warmup_steps <= 0:
+            return target_delta
+        progress = min(1.0, step / self._warmup_steps)
+        return self.start_delta + (target_delta - self.start_delta) * progress
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        require_mixin(pl_module, "DeltaWarmup")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.warmup_fraction == 0:
+            self._warmup_steps = 0.0
+            return
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "DeltaWarmup needs a finite training length to place the warm-up: set "
+                "Trainer(max_epochs=...) or Trainer(max_steps=...), or use warmup_fraction=0."
+            )
+        self._warmup_steps = self.warmup_fraction * float(total)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        delta = self.delta_at(trainer.global_step, pl_module.as_softmax_target_delta)
+        pl_module.as_softmax_delta = delta
+        pl_module.log("train/delta", delta, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        pl_module.as_softmax_delta = pl_module.as_softmax_target_delta

@@ -1,0 +1,103 @@
+"""Argument validation shared by the functional losses (one message per mistake, raised early)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_delta(delta: float) -> float:
+    """Return ``delta`` as a float in ``[0, 1]`` or raise a ``ValueError`` that says how to fix it."""
+    if isinstance(delta, Tensor):
+        if delta.numel() != 1:
+            raise ValueError(f"delta must be a single number in [0, 1], got a tensor of shape {tuple(delta.shape)}.")
+        delta = float(delta.item())
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+        raise TypeError(f"delta must be a number in [0, 1], got {delta!r} of type {type(delta).__name__}.")
+    delta = float(delta)
+    if math.isnan(delta) or not 0.0 <= delta <= 1.0:
+        raise ValueError(
+            f"delta must lie in [0, 1], got {delta!r}. delta=1 keeps every class (plain softmax "
+            "cross entropy); the paper's setting is delta=0.1."
+        )
+    return delta
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    return reduction
+
+
+def check_logits(logits: Tensor, fn: str) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}.")
+    if not logits.is_floating_point():
+        raise TypeError(
+            f"{fn}: logits must be a floating-point tensor, got dtype {logits.dtype}. "
+            "Pass the model's raw scores (e.g. `logits.float()`)."
+        )
+    if logits.dim() == 0:
+        raise ValueError(f"{fn}: logits must have a class dimension, got a 0-dim tensor.")
+
+
+def check_class_target(logits: Tensor, target: Tensor, ignore_index: int, fn: str) -> None:
+    """Validate a single-label target against ``logits`` laid out as in ``F.cross_entropy``."""
+    check_logits(logits, fn)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor of class indices, got {type(target).__name__}.")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"{fn}: target must hold integer class indices (torch.long), got dtype {target.dtype}. "
+            "Convert with `target.long()`; for multi-hot or probability targets use "
+            "multilabel_as_softmax_loss / MultiLabelASSoftmaxLoss."
+        )
+    if logits.dim() == 1:
+        expected: tuple[int, ...] = ()
+    else:
+        expected = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"{fn}: target shape {tuple(target.shape)} does not match logits shape "
+            f"{tuple(logits.shape)}; expected target shape {expected} (logits are (N, C) or "
+            "(N, C, d1, ...) with the class dimension second, as for F.cross_entropy; token "
+            "logits shaped (N, L, C) need `logits.transpose(1, 2)`)."
+        )
+    num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    if num_classes == 0:
+        raise ValueError(f"{fn}: logits have 0 classes (shape {tuple(logits.shape)}).")
+    if target.numel() == 0:
+        return
+    valid = target != ignore_index
+    if bool(valid.any()):
+        values = target[valid]
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{fn}: target contains class index {bad}, outside [0, {num_classes - 1}] for "
+                f"{num_classes} classes (ignore_index={ignore_index} marks positions to skip). "
+                "Check the label encoding or the size of the classifier head."
+            )
+
+
+def check_multilabel_target(logits: Tensor, target: Tensor, fn: str) -> None:
+    check_logits(logits, fn)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor of 0/1 labels, got {type(target).__name__}.")
+    if tuple(target.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"{fn}: multi-label target shape {tuple(target.shape)} must equal the logits shape "
+            f"{tuple(logits.shape)} (one 0/1 entry per label; convert class indices with "
+            "F.one_hot(target, num_classes).)"
+        )
+    if target.numel() and not bool(((target == 0) | (target == 1)).all()):
+        bad = target[(target != 0) & (target != 1)].flatten()[0].item()
+        raise ValueError(
+            f"{fn}: multi-label target must contain only 0 and 1, found {bad!r}. "
+            "Threshold soft labels first (e.g. `(target > 0.5).float()`)."
+        )
