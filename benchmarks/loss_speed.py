@@ -219,11 +219,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--no-bf16", action="store_true", help="float32 only")
+    parser.add_argument("--shapes", help="comma-separated NxC list, e.g. 2048x5000,512x32000")
     parser.add_argument("--no-entmax", action="store_true", help="skip the sparsemax/entmax15 rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtypes = [torch.float32] if args.no_bf16 else [torch.float32, torch.bfloat16]
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     start = time.perf_counter()
     rows = run(shapes, dtypes, args.delta, args.quick, not args.no_entmax)
     table = format_table(rows)

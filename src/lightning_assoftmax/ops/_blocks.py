@@ -154,6 +154,19 @@ def scratch(
     return view
 
 
+def scale_rows(out: Tensor, scale: Tensor) -> Tensor:
+    """``out * scale`` for a per-row ``scale``, in place unless autograd keeps the graph.
+
+    Without ``retain_graph`` the saved buffer is dead after backward, so it is scaled in place,
+    as donated buffers are in compiled autograd, instead of allocating a second (rows, C) tensor.
+    A bfloat16 buffer is scaled by a bfloat16 factor: mixed-dtype elementwise ops take a slow path
+    on CPU, and bfloat16 has float32's range.
+    """
+    if out.dtype == torch.bfloat16:
+        scale = scale.to(out.dtype)
+    return out * scale if graph_is_kept() else out.mul_(scale)
+
+
 def graph_is_kept() -> bool:
     """Whether the running backward pass keeps the graph (``retain_graph=True``).
 

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scratch
+from lightning_assoftmax.ops._blocks import BlockLayout, scale_rows, scratch
 from lightning_assoftmax.ops.single_label import compute_dtype
 
 __all__ = ["multilabel_as_softmax_keep", "multilabel_as_softmax_rows_loss"]
@@ -175,8 +175,7 @@ class _FusedMultiLabelASSoftmax(torch.autograd.Function):
         layout = ctx.layout
         # A row with loss exactly 0 is a masked sample: its gradient is exactly 0, not round-off.
         scale = torch.where(loss != 0, grad_loss, 0.0).reshape(layout.row_shape)
-        # Without retain_graph the buffer is dead after this call: scale it in place.
-        grad = out * scale if graph_is_kept() else out.mul_(scale)
+        grad = scale_rows(out, scale)
         return layout.to_input_layout(grad), None, None
 
 

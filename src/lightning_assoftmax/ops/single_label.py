@@ -19,10 +19,12 @@ This is the eager path for every device; a device kernel (e.g. Triton for CUDA) 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scratch
+from lightning_assoftmax.ops._blocks import BlockLayout, scale_rows, scratch
 
 __all__ = ["as_softmax_keep_threshold", "as_softmax_rows_loss", "compute_dtype"]
 
@@ -40,19 +42,6 @@ def as_softmax_keep_threshold(p_target: Tensor, delta: float) -> Tensor:
     return p_target - delta
 
 
-def _log_p_target(layout: BlockLayout, p_target: Tensor, safe_target: Tensor) -> Tensor:
-    """``log p_t`` per sample, recomputed from the logits where ``p_t`` underflowed."""
-    tiny = torch.finfo(p_target.dtype).tiny
-    log_pt = torch.log(p_target.clamp_min(tiny))
-    low = p_target < tiny**0.8
-    if bool(low.any()):
-        idx = low.nonzero().squeeze(1)
-        z_t = layout.z.gather(1, safe_target).reshape(-1)[idx].to(p_target.dtype)
-        rows = layout.rows_of(layout.z, idx).to(p_target.dtype)
-        log_pt[idx] = z_t - torch.logsumexp(rows, dim=1)
-    return log_pt
-
-
 def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad: bool):
     """Per-sample loss and validity and, if asked, the gradient buffer and ``1/K`` per sample."""
     layout = BlockLayout(logits)
@@ -60,10 +49,11 @@ def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, ne
     device = logits.device
     target = target.reshape(layout.row_shape)
     valid = target != ignore_index
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    safe_target = torch.where(valid, target, 0)
     # Ignored samples get an infinite cut-off: the mask zeroes them without a separate pass.
-    shift = torch.full(layout.row_shape, delta, dtype=cdtype, device=device)
-    shift.masked_fill_(~valid, float("-inf"))
+    shift = torch.where(valid, delta, -math.inf)
+    if shift.dtype != cdtype:
+        shift = shift.to(cdtype)
     p_target = torch.empty(layout.row_shape, dtype=cdtype, device=device)
     kept_mass = torch.empty_like(p_target)
 
@@ -89,22 +79,31 @@ def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, ne
 
     flat_valid = valid.reshape(-1)
     pt_flat, mass = p_target.reshape(-1), kept_mass.reshape(-1)
-    # Clamped so ignored samples (mass 0) do not hit the slow scalar path of log(0).
-    tiny = torch.finfo(cdtype).tiny
-    loss = torch.log(mass.clamp_min(tiny)) - _log_p_target(layout, pt_flat, safe_target)
-    loss = torch.where(flat_valid, loss, torch.zeros_like(loss))
+    # loss = log K - log p_t, 0 at ignored samples (ratio 1; also keeps log off its slow path
+    # for 0). A masked sample has K == p_t bit for bit: its loss is exactly 0.
+    loss = torch.where(flat_valid, mass / pt_flat, 1.0).log_()
+    tiny = torch.finfo(cdtype).tiny ** 0.8
+    if float(pt_flat.amin()) < tiny:  # p_t lost digits to underflow: log p_t = z_t - logsumexp(z)
+        idx = (flat_valid & (pt_flat < tiny)).nonzero().squeeze(1)
+        z_t = layout.z.gather(1, safe_target).reshape(-1)[idx].to(cdtype)
+        rows = layout.rows_of(layout.z, idx).to(cdtype)
+        loss[idx] = mass[idx].log() - (z_t - torch.logsumexp(rows, dim=1))
     if out is None:
         return loss, flat_valid, None, None, layout
 
     # Gradient at the target, p_t / K - 1, stored unscaled as p_t - K (exactly 0 when masked).
-    target_entry = torch.where(flat_valid, pt_flat - mass, torch.zeros_like(mass))
-    out.view(-1).index_put_((layout.flat_positions(safe_target),), target_entry.to(out.dtype))
-    ignored_nan = ~flat_valid & ~(mass == 0)
-    if bool(ignored_nan.any()):  # an ignored sample holding NaN/inf still gets a zero gradient
-        layout.set_rows(out, ignored_nan.nonzero().squeeze(1), 0.0)
-    # A sample with loss exactly 0 is masked: its gradient is exactly 0, not round-off.
-    keep_grad = flat_valid & (loss != 0)
-    inv_mass = torch.where(keep_grad, mass.reciprocal(), torch.zeros_like(mass))
+    target_entry = torch.where(valid, p_target - kept_mass, 0.0).to(out.dtype)
+    if out.dtype in (torch.float16, torch.bfloat16):  # scatter_ is very slow for these on CPU
+        out.view(-1).index_put_((layout.flat_positions(safe_target),), target_entry.reshape(-1))
+    else:
+        out.scatter_(1, safe_target, target_entry)
+    if math.isnan(float(mass.sum())):  # an ignored sample holding NaN/inf still gets zero gradient
+        ignored_nan = ~flat_valid & mass.isnan()
+        if bool(ignored_nan.any()):
+            layout.set_rows(out, ignored_nan.nonzero().squeeze(1), 0.0)
+    # A sample with loss exactly 0 is masked: its gradient is exactly 0, not round-off. Ignored
+    # samples have loss 0 too.
+    inv_mass = torch.where(loss != 0, mass.reciprocal(), 0.0)
     return loss, flat_valid, out, inv_mass, layout
 
 
@@ -125,9 +124,7 @@ class _FusedASSoftmax(torch.autograd.Function):
         out, inv_mass = ctx.saved_tensors
         layout = ctx.layout
         scale = (grad_loss.to(inv_mass.dtype) * inv_mass).reshape(layout.row_shape)
-        # Without retain_graph the buffer is dead after this call: scale it in place rather than
-        # allocate a second (rows, C) tensor.
-        grad = out * scale if graph_is_kept() else out.mul_(scale)
+        grad = scale_rows(out, scale)
         return layout.to_input_layout(grad), None, None, None
 
 
