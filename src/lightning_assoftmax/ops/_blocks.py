@@ -14,7 +14,6 @@ the order of ``target.reshape(-1)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -80,33 +79,22 @@ class BlockLayout:
         """An uninitialised per-element buffer, contiguous in the block layout."""
         return self.z.new_empty(self.z.shape, dtype=dtype)
 
-    def blocks(self) -> Iterator[tuple[tuple, tuple]]:
-        """Yield ``(index, row_index)``: a block of the layout and its entries in ``row_shape``."""
-        if self.columns:
-            batch, num_classes, length = self.z.shape
-            if self.block_elements is None:
-                yield (slice(None),), (slice(None),)
-                return
-            # At least 16 samples per block so that strided reads use whole cache lines.
-            span = max(16, self.block_elements // max(num_classes, 1))
-            if length >= span:
-                for b in range(batch):
-                    for l0 in range(0, length, span):
-                        index = (slice(b, b + 1), slice(None), slice(l0, min(l0 + span, length)))
-                        yield index, index
-            else:
-                step = max(1, span // max(length, 1))
-                for b0 in range(0, batch, step):
-                    index = (slice(b0, min(b0 + step, batch)),)
-                    yield index, index
-        else:
-            if self.block_elements is None:
-                yield (slice(None),), (slice(None),)
-                return
-            step = max(1, self.block_elements // max(self.num_classes, 1))
-            for r0 in range(0, self.num_rows, step):
-                index = (slice(r0, min(r0 + step, self.num_rows)),)
-                yield index, index
+    def split(self, t: Tensor) -> list[Tensor]:
+        """The blocks of a block-layout tensor: of the logits' layout, or of ``row_shape``.
+
+        Blocks of both kinds correspond one to one (same samples), so the lists can be zipped.
+        ``split`` makes all the views in one call, which matters when there are many blocks.
+        """
+        if self.block_elements is None:
+            return [t]
+        if not self.columns:
+            return list(t.split(max(1, self.block_elements // max(self.num_classes, 1))))
+        batch, num_classes, length = self.z.shape
+        # At least 16 samples per block so that strided reads use whole cache lines.
+        span = max(16, self.block_elements // max(num_classes, 1))
+        if length >= span:
+            return [piece for entry in t.split(1) for piece in entry.split(span, dim=2)]
+        return list(t.split(max(1, span // max(length, 1))))
 
     def flat_positions(self, class_index: Tensor) -> Tensor:
         """Flat offsets ``(M,)`` into a contiguous block-layout buffer of one class per sample.

@@ -91,9 +91,19 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
     direct = out is not None and logits.dtype == cdtype and not layout.columns
     one = torch.ones((), dtype=cdtype, device=device)
     buffers: dict = {}
-    for index, row_index in layout.blocks():
-        src = layout.z[index]
-        pos = target[index]
+    split = layout.split
+    outs = split(out) if out is not None else [None] * len(split(loss))
+    blocks = zip(
+        split(layout.z),
+        split(target),
+        outs,
+        split(loss),
+        split(min_pos),
+        split(log_sum),
+        strict=True,
+    )
+    blocks = zip(blocks, split(low_offset), split(high_offset), strict=True)
+    for (src, pos, out_block, loss_block, min_pos_block, lse_block), low_off, high_off in blocks:
 
         def buf(name: str, like: Tensor = src) -> Tensor:
             return scratch(buffers, name, like.shape, like, cdtype)
@@ -106,13 +116,13 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         p = torch.softmax(src, 1, dtype=cdtype, out=buf("p"))
         # min over positives of p: negatives read as p + 1 >= 1. Also the denominator of 1/p.
         shifted = torch.add(p, neg, out=buf("shifted"))
-        p_min_pos = torch.amin(shifted, 1, keepdim=True, out=min_pos[row_index])
-        low = torch.add(p_min_pos, low_offset[row_index], out=buf("low", p_min_pos))
+        p_min_pos = torch.amin(shifted, 1, keepdim=True, out=min_pos_block)
+        low = torch.add(p_min_pos, low_off, out=buf("low", p_min_pos))
         neg_p = torch.mul(p, neg, out=buf("neg_p"))
         high = torch.amax(neg_p, 1, keepdim=True, out=buf("high", p_min_pos))
-        high.add_(high_offset[row_index])
+        high.add_(high_off)
         # log sum exp(s) = max s - log max p, as max p = 1 / sum exp(s - max s).
-        lse = torch.amax(src, 1, keepdim=True, out=log_sum[row_index])
+        lse = torch.amax(src, 1, keepdim=True, out=lse_block)
         lse.sub_(torch.amax(p, 1, keepdim=True).log_())
         # Float masks keep the ops vectorised; NaN * 0 = NaN keeps NaN rows visible.
         neg_p.mul_(torch.ge(p, low, out=buf("mask")))
@@ -124,7 +134,7 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         # |lse| are recomputed below, so here neither exponential overflows.
         exp_lse = lse.exp()
         inv_exp_lse = exp_lse.reciprocal()
-        row_loss = torch.log1p(neg_mass * exp_lse, out=loss[row_index])
+        row_loss = torch.log1p(neg_mass * exp_lse, out=loss_block)
         row_loss.add_((pos_mass * inv_exp_lse).log1p_())
         if out is None:
             continue
@@ -132,11 +142,11 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         # -e^-s / (1 + e^-lse B) = -(1/p) / (e^lse + B) on kept positives.
         neg_scale = inv_exp_lse.add_(neg_mass).reciprocal_()
         pos_scale = exp_lse.add_(pos_mass).reciprocal_().neg_()
-        grad = out[index] if direct else buf("grad")
+        grad = out_block if direct else buf("grad")
         torch.mul(neg_p, neg_scale, out=grad)
         grad.addcmul_(inv_pos, pos_scale)
-        if grad.data_ptr() != out[index].data_ptr():
-            out[index].copy_(grad)
+        if not direct:
+            out_block.copy_(grad)
 
     loss = loss.reshape(-1)
     min_pos, log_sum = min_pos.reshape(-1), log_sum.reshape(-1)

@@ -58,24 +58,33 @@ def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, ne
     kept_mass = torch.empty_like(p_target)
 
     out = layout.new_out(logits.dtype) if need_grad else None
-    in_place = out is not None and logits.dtype == cdtype and out.is_contiguous()
-    buffers: dict[str, Tensor] = {}
-    for index, row_index in layout.blocks():
-        src = layout.z[index]
-        pt = p_target[row_index]
-        contiguous_out = in_place and (not layout.columns or out[index].is_contiguous())
-        probs = out[index] if contiguous_out else scratch(buffers, "p", src.shape, src, cdtype)
+    in_place = out is not None and logits.dtype == cdtype
+    buffers: dict = {}
+    split = layout.split
+    outs = split(out) if out is not None else [None] * len(split(p_target))
+    blocks = zip(
+        split(layout.z),
+        outs,
+        split(p_target),
+        split(kept_mass),
+        split(safe_target),
+        split(shift),
+        strict=True,
+    )
+    for src, out_block, pt, mass_block, target_block, shift_block in blocks:
+        direct = in_place and out_block.is_contiguous()
+        probs = out_block if direct else scratch(buffers, "p", src.shape, src, cdtype)
         mask = scratch(buffers, "mask", src.shape, src, cdtype)
         threshold = scratch(buffers, "thr", pt.shape, pt, cdtype)
         torch.softmax(src, 1, dtype=cdtype, out=probs)
-        torch.gather(probs, 1, safe_target[row_index], out=pt)
-        torch.sub(pt, shift[row_index], out=threshold)  # as_softmax_keep_threshold, in place
+        torch.gather(probs, 1, target_block, out=pt)
+        torch.sub(pt, shift_block, out=threshold)  # as_softmax_keep_threshold, in place
         # A float mask keeps the ops vectorised, and NaN * 0 = NaN keeps NaN rows visible.
         torch.ge(probs, threshold, out=mask)
         probs.mul_(mask)
-        torch.sum(probs, 1, keepdim=True, out=kept_mass[row_index])
-        if out is not None and not contiguous_out:
-            out[index].copy_(probs)
+        torch.sum(probs, 1, keepdim=True, out=mass_block)
+        if out_block is not None and not direct:
+            out_block.copy_(probs)
 
     flat_valid = valid.reshape(-1)
     pt_flat, mass = p_target.reshape(-1), kept_mass.reshape(-1)
