@@ -5,6 +5,7 @@ Layers, bottom to top: :mod:`.functional` (pure PyTorch math), :mod:`.losses` an
 """
 
 from lightning_assoftmax.callbacks import DeltaWarmup
+from lightning_assoftmax.callbacks.adaptive_grad_accumulation import AdaptiveGradAccumulation
 from lightning_assoftmax.losses import ASSoftmaxLoss, MultiLabelASSoftmaxLoss
 from lightning_assoftmax.metrics import MaskedSampleRatio
 from lightning_assoftmax.mixin import ASSoftmaxMixin
@@ -12,6 +13,7 @@ from lightning_assoftmax.mixin import ASSoftmaxMixin
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveGradAccumulation",
     "ASSoftmaxLoss",
     "ASSoftmaxMixin",
     "DeltaWarmup",
