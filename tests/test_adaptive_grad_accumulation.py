@@ -8,6 +8,8 @@ micro-batches between two recorded steps, with an AS-Softmax loss written here f
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import math
 import os
@@ -508,9 +510,14 @@ def test_end_of_fit_summary_is_reported(tmp_path, caplog):
     steps = trainer.global_step
     assert steps < 26
     assert f"{steps} optimizer steps over 26 training batches (a plain run takes 26)" in caplog.text
-    metrics = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
-    header = metrics.splitlines()[0].split(",")
-    assert {"train/accumulate_grad_batches", "train/optimizer_steps", "train/plain_optimizer_steps"} <= set(header)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"train/accumulate_grad_batches", "train/optimizer_steps", "train/plain_optimizer_steps"} <= set(rows[0])
+    logged_k = [float(r["train/accumulate_grad_batches"]) for r in rows if r["train/loss_step"]]
+    assert len(logged_k) == steps  # every optimizer step's row carries the window size
+    assert logged_k[0] == 1 and logged_k[-1] == 2 and logged_k == sorted(logged_k)
+    (final,) = [r for r in rows if r["train/optimizer_steps"]]
+    assert (float(final["train/optimizer_steps"]), float(final["train/plain_optimizer_steps"])) == (steps, 26)
 
 
 # -- resume ----------------------------------------------------------------------------------------------
@@ -583,6 +590,21 @@ def test_state_dict_round_trip_keeps_pending_and_open_window():
     with pytest.warns(UserWarning, match="max_steps=1 from a checkpoint made with lam=1.0, max_steps=3"):
         smaller.load_state_dict(state)
     assert smaller.pending_accumulate_grad_batches == 1  # shrinks at the next aligned batch
+
+
+# -- benchmark -------------------------------------------------------------------------------------------
+def test_benchmark_quick_smoke(monkeypatch):
+    path = Path(__file__).parents[1] / "benchmarks" / "as_speed.py"
+    spec = importlib.util.spec_from_file_location("as_speed_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up there
+    spec.loader.exec_module(benchmark)
+    table = benchmark.main(["--quick"])
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"AS-Softmax + AdaptiveGradAccumulation", "AS-Softmax", "softmax (delta=1)"}
+    steps, batches = (int(v) for v in rows["AS-Softmax + AdaptiveGradAccumulation"])
+    assert steps < batches
+    assert [int(v) for v in rows["softmax (delta=1)"]] == [batches, batches]
 
 
 # -- DDP --------------------------------------------------------------------------------------------------
