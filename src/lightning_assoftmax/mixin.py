@@ -7,7 +7,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.aggregation import MeanMetric
 
 from lightning_assoftmax.functional import (
     as_softmax_loss_and_stats,
@@ -15,6 +14,7 @@ from lightning_assoftmax.functional import (
     multilabel_as_softmax_loss_and_stats,
 )
 from lightning_assoftmax.functional._checks import check_delta
+from lightning_assoftmax.metrics import WeightedMean
 
 __all__ = ["ASSoftmaxMixin"]
 
@@ -77,10 +77,9 @@ class ASSoftmaxMixin:
         self.as_softmax_multilabel = bool(multilabel)
         self.as_softmax_ignore_index = int(ignore_index)
         self.as_softmax_last_stats: tuple[Tensor, Tensor] | None = None
-        # nan_strategy="disable": a NaN loss must show in the logs, not be dropped with a warning.
         self.as_softmax_metrics = nn.ModuleDict(
             {
-                f"{stage}_{key}": MeanMetric(nan_strategy="disable")
+                f"{stage}_{key}": WeightedMean()
                 for stage, keys in _STAGE_KEYS.items()
                 for key in keys
             }
