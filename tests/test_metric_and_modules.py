@@ -76,7 +76,8 @@ def _sync_worker(rank: int, world: int, port: int, queue) -> None:
         target = torch.randint(5, (8 + 13 * rank,), generator=gen)
         metric = MaskedSampleRatio(delta=0.1)
         metric.update(logits, target)
-        queue.put((rank, metric.compute().item(), logits, target))
+        # Plain lists: tensors sent through a queue vanish with the process that shared them.
+        queue.put((rank, metric.compute().item(), logits.tolist(), target.tolist()))
     finally:
         dist.destroy_process_group()
 
@@ -92,8 +93,9 @@ def test_metric_syncs_across_two_processes():
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    logits = torch.cat([r[2] for r in sorted(results, key=lambda r: r[0])])
-    target = torch.cat([r[3] for r in sorted(results, key=lambda r: r[0])])
+    ordered = sorted(results, key=lambda r: r[0])
+    logits = torch.tensor([row for r in ordered for row in r[2]])
+    target = torch.tensor([t for r in ordered for t in r[3]])
     masked, total = _alone_count(logits, target, 0.1)
     for _, value, _, _ in results:
         assert value == pytest.approx(masked / total)
