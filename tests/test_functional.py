@@ -126,7 +126,10 @@ def test_all_ignored_batch_gives_zero_not_nan():
 def test_empty_batch():
     logits = torch.randn(0, 4, requires_grad=True)
     target = torch.zeros(0, dtype=torch.long)
-    assert as_softmax_cross_entropy(logits, target).item() == 0.0
+    loss = as_softmax_cross_entropy(logits, target)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad.shape == (0, 4)
     assert as_softmax_cross_entropy(logits, target, reduction="none").shape == (0,)
     assert masked_sample_ratio(logits, target).item() == 0.0
 
