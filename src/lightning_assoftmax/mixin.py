@@ -9,7 +9,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.aggregation import MeanMetric
 
 from lightning_assoftmax.family import build_loss, check_loss_name, loss_kwarg_names
 from lightning_assoftmax.functional import (
@@ -17,6 +16,7 @@ from lightning_assoftmax.functional import (
     multilabel_as_softmax_loss_and_stats,
 )
 from lightning_assoftmax.functional._checks import check_delta
+from lightning_assoftmax.metrics import WeightedMean
 
 __all__ = ["ASSoftmaxMixin"]
 
@@ -116,10 +116,9 @@ class ASSoftmaxMixin:
         else:
             self.as_softmax_reports_masked = bool(self.as_softmax_criterion.produces_masked_samples)
         self.as_softmax_last_stats: tuple[Tensor, Tensor] | None = None
-        # nan_strategy="disable": a NaN loss must show in the logs, not be dropped with a warning.
         self.as_softmax_metrics = nn.ModuleDict(
             {
-                f"{stage}_{key}": MeanMetric(nan_strategy="disable")
+                f"{stage}_{key}": WeightedMean()
                 for stage in ("train", "val", "test")
                 for key in _stage_keys(stage, self.as_softmax_reports_masked)
             }
