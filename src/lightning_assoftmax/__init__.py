@@ -5,6 +5,7 @@ Layers, bottom to top: :mod:`.functional` (pure PyTorch math), :mod:`.losses` an
 """
 
 from lightning_assoftmax.callbacks import DeltaWarmup
+from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
 from lightning_assoftmax.losses import ASSoftmaxLoss, MultiLabelASSoftmaxLoss
 from lightning_assoftmax.metrics import MaskedSampleRatio
 from lightning_assoftmax.mixin import ASSoftmaxMixin
@@ -14,8 +15,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ASSoftmaxLoss",
     "ASSoftmaxMixin",
+    "CosineClassifier",
     "DeltaWarmup",
     "MaskedSampleRatio",
     "MultiLabelASSoftmaxLoss",
     "__version__",
+    "build_loss",
+    "classifier_head",
 ]
