@@ -1,7 +1,8 @@
 """lightning_assoftmax: Adaptive Sparse Softmax (Lv et al., TASLP 2025) for PyTorch Lightning.
 
-Layers, bottom to top: :mod:`.functional` (pure PyTorch math), :mod:`.losses` and :mod:`.metrics`
-(modules on it), :mod:`.mixin` and :mod:`.callbacks` (Lightning glue).
+Layers, bottom to top: :mod:`.functional` (pure PyTorch math), :mod:`.losses`, :mod:`.metrics`
+and :mod:`.family` (modules on it: AS-Softmax and the baseline losses), :mod:`.mixin` and
+:mod:`.callbacks` (Lightning glue).
 """
 
 from lightning_assoftmax.callbacks import DeltaWarmup
