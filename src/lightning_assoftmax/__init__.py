@@ -5,6 +5,7 @@ Layers, bottom to top: :mod:`.functional` (pure PyTorch math), :mod:`.losses` an
 """
 
 from lightning_assoftmax.callbacks import DeltaWarmup
+from lightning_assoftmax.callbacks.loss_accuracy_correlation import LossAccuracyCorrelation
 from lightning_assoftmax.losses import ASSoftmaxLoss, MultiLabelASSoftmaxLoss
 from lightning_assoftmax.metrics import MaskedSampleRatio
 from lightning_assoftmax.mixin import ASSoftmaxMixin
@@ -15,6 +16,7 @@ __all__ = [
     "ASSoftmaxLoss",
     "ASSoftmaxMixin",
     "DeltaWarmup",
+    "LossAccuracyCorrelation",
     "MaskedSampleRatio",
     "MultiLabelASSoftmaxLoss",
     "__version__",
