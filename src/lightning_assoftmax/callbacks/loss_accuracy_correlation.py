@@ -61,9 +61,15 @@ class LossAccuracyCorrelation(Callback):
     ``TensorBoardLogger`` receives the same figure. The figure needs matplotlib
     (``pip install lightning-assoftmax[plot]``); without it the figure is skipped with one info line.
 
+    Only validation runs inside ``Trainer.fit`` count (a separate ``trainer.validate()`` does not).
     The history covers one ``fit`` call; it is saved in checkpoints, so a resumed fit continues it.
     Under DDP every rank holds rank 0's record of each run (the mixin's epoch values are already
     reduced over ranks) and computes the same correlations.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=10, callbacks=[LossAccuracyCorrelation()])
+        trainer.fit(model)  # a module using ASSoftmaxMixin.as_softmax_loss in validation_step
 
     Args:
         loss_key: logged epoch value of the validation loss (the AS-Softmax loss).
@@ -230,6 +236,8 @@ class LossAccuracyCorrelation(Callback):
         return record
 
     def _compute(self, device: torch.device) -> dict[str, Tensor | None]:
+        # Functional torchmetrics over the whole history: every rank already holds all of it, so a
+        # Metric object's cross-rank sync would only repeat it world_size times.
         dtype = torch.float32 if device.type == "mps" else torch.float64
         acc = torch.tensor([r["acc"] for r in self._history], dtype=dtype, device=device)
         results: dict[str, Tensor | None] = {}
