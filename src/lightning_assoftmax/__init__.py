@@ -5,7 +5,7 @@ and :mod:`.family` (modules on it: AS-Softmax and the baseline losses), :mod:`.m
 :mod:`.callbacks` (Lightning glue).
 """
 
-from lightning_assoftmax.callbacks import DeltaWarmup
+from lightning_assoftmax.callbacks import DeltaWarmup, LossAccuracyCorrelation
 from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
 from lightning_assoftmax.losses import ASSoftmaxLoss, MultiLabelASSoftmaxLoss
 from lightning_assoftmax.metrics import MaskedSampleRatio
@@ -18,6 +18,7 @@ __all__ = [
     "ASSoftmaxMixin",
     "CosineClassifier",
     "DeltaWarmup",
+    "LossAccuracyCorrelation",
     "MaskedSampleRatio",
     "MultiLabelASSoftmaxLoss",
     "__version__",
