@@ -2,6 +2,7 @@
 
 from lightning_assoftmax.callbacks.adaptive_grad_accumulation import AdaptiveGradAccumulation
 from lightning_assoftmax.callbacks.delta_warmup import DeltaWarmup
+from lightning_assoftmax.callbacks.loss_accuracy_correlation import LossAccuracyCorrelation
 
-__all__ = ["DeltaWarmup"]
+__all__ = ["DeltaWarmup", "LossAccuracyCorrelation"]
 __all__ += ["AdaptiveGradAccumulation"]
