@@ -553,6 +553,7 @@ def test_resume_from_epoch_end_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_resume_mid_epoch_from_a_step_checkpoint_matches_an_uninterrupted_run(tmp_path):
     full_model, full, _ = resume_run(tmp_path / "full", 3)
     # Stop mid-epoch right after optimizer step 13, saved there by ModelCheckpoint.
