@@ -5,8 +5,11 @@ and :mod:`.family` (modules on it: AS-Softmax and the baseline losses), :mod:`.m
 :mod:`.callbacks` (Lightning glue).
 """
 
-from lightning_assoftmax.callbacks import DeltaWarmup, LossAccuracyCorrelation
-from lightning_assoftmax.callbacks.adaptive_grad_accumulation import AdaptiveGradAccumulation
+from lightning_assoftmax.callbacks import (
+    AdaptiveGradAccumulation,
+    DeltaWarmup,
+    LossAccuracyCorrelation,
+)
 from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
 from lightning_assoftmax.losses import ASSoftmaxLoss, MultiLabelASSoftmaxLoss
 from lightning_assoftmax.metrics import MaskedSampleRatio

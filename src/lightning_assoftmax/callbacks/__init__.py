@@ -4,5 +4,4 @@ from lightning_assoftmax.callbacks.adaptive_grad_accumulation import AdaptiveGra
 from lightning_assoftmax.callbacks.delta_warmup import DeltaWarmup
 from lightning_assoftmax.callbacks.loss_accuracy_correlation import LossAccuracyCorrelation
 
-__all__ = ["DeltaWarmup", "LossAccuracyCorrelation"]
-__all__ += ["AdaptiveGradAccumulation"]
+__all__ = ["AdaptiveGradAccumulation", "DeltaWarmup", "LossAccuracyCorrelation"]
