@@ -12,8 +12,6 @@ positives keeps all its negatives and a row without negatives all its positives.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -48,8 +46,8 @@ def _row_losses(logits: Tensor, target: Tensor, delta: float) -> Tensor:
     if logits.dim() == 1:
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
     if logits.numel() == 0:
-        rows = logits.shape[0] * math.prod(logits.shape[2:])
-        return logits.new_zeros(rows, dtype=compute_dtype(logits.dtype))
+        # Stay attached to the graph: backward through an empty batch must work (zero gradient).
+        return logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
     return multilabel_as_softmax_rows_loss(logits, target, delta)
 
 

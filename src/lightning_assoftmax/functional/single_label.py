@@ -40,7 +40,8 @@ def _row_losses(
     if logits.dim() == 1:
         logits, target = logits.unsqueeze(0), target.reshape(1)
     if target.numel() == 0:
-        empty = logits.new_zeros(0, dtype=compute_dtype(logits.dtype))
+        # Stay attached to the graph: backward through an empty batch must work (zero gradient).
+        empty = logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
         return empty, torch.zeros(0, dtype=torch.bool, device=logits.device)
     return as_softmax_rows_loss(logits, target, delta, ignore_index)
 

@@ -13,8 +13,6 @@ the order of ``target.reshape(-1)``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -88,13 +86,15 @@ class BlockLayout:
         if self.block_elements is None:
             return [t]
         if not self.columns:
-            return list(t.split(max(1, self.block_elements // max(self.num_classes, 1))))
+            step = max(1, self.block_elements // max(self.num_classes, 1))
+            return [t] if self.num_rows <= step else list(t.split(step))
         batch, num_classes, length = self.z.shape
         # At least 16 samples per block so that strided reads use whole cache lines.
         span = max(16, self.block_elements // max(num_classes, 1))
         if length >= span:
             return [piece for entry in t.split(1) for piece in entry.split(span, dim=2)]
-        return list(t.split(max(1, span // max(length, 1))))
+        step = max(1, span // max(length, 1))
+        return [t] if batch <= step else list(t.split(step))
 
     def flat_positions(self, class_index: Tensor) -> Tensor:
         """Flat offsets ``(M,)`` into a contiguous block-layout buffer of one class per sample.
@@ -127,19 +127,13 @@ class BlockLayout:
             t[idx // length, :, idx % length] = rows
 
 
-def scratch(
-    buffers: dict, name: str, shape: torch.Size, like: Tensor, dtype: torch.dtype
-) -> Tensor:
-    """A contiguous ``shape`` view of a scratch buffer reused across blocks (``buffers`` caches)."""
-    key = (name, tuple(shape))
-    view = buffers.get(key)
-    if view is None:
-        numel = math.prod(shape)
-        buffer = buffers.get(name)
-        if buffer is None or buffer.numel() < numel:
-            buffer = buffers[name] = like.new_empty(numel, dtype=dtype)
-        view = buffers[key] = buffer[:numel].view(shape)
-    return view
+def scratch(buffers: dict, name: str, shape: torch.Size, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous ``shape`` buffer reused across blocks of the same shape (cached in ``buffers``)."""
+    key = (name, shape)
+    buffer = buffers.get(key)
+    if buffer is None:
+        buffer = buffers[key] = like.new_empty(shape, dtype=dtype)
+    return buffer
 
 
 def scale_rows(out: Tensor, scale: Tensor) -> Tensor:
