@@ -127,7 +127,9 @@ class BlockLayout:
             t[idx // length, :, idx % length] = rows
 
 
-def scratch(buffers: dict, name: str, shape: torch.Size, like: Tensor, dtype: torch.dtype) -> Tensor:
+def scratch(
+    buffers: dict, name: str, shape: torch.Size, like: Tensor, dtype: torch.dtype
+) -> Tensor:
     """A contiguous ``shape`` buffer reused across blocks of the same shape (cached in ``buffers``)."""
     key = (name, shape)
     buffer = buffers.get(key)

@@ -37,11 +37,14 @@ def _cutoff_offsets(positives: Tensor, num_classes: int, delta: float) -> tuple[
     ``p <= high``. For a row with positives the reductions are the min over positives and the max
     over negatives, and the offsets are ``-delta`` and ``+delta`` (SPEC: ``min_P p - p_i <= delta``,
     ``p_j - max_Q p <= delta``). A row without positives gets ``low <= 0`` (keep every negative),
-    one without negatives ``high = 1`` (keep every positive). NaN rows get NaN cut-offs, which
-    callers treat as "keep". ``positives`` counts positive labels per row.
+    one without negatives ``high >= 1`` (keep every positive). NaN rows get NaN cut-offs, which
+    callers treat as "keep". ``positives`` counts the positive labels of each row (float).
     """
-    low_offset = torch.where(positives > 0, -delta, -2.0)
-    high_offset = torch.where(positives < num_classes, delta, 1.0)
+    # Arithmetic on 0/1 indicators rather than selects: these run once per block.
+    has_pos = positives.clamp(max=1.0)
+    has_neg = positives.neg().add_(num_classes).clamp_(max=1.0)
+    low_offset = has_pos.mul(2.0 - delta).sub_(2.0)  # -delta, or -2
+    high_offset = has_neg.mul(delta - 1.0).add_(1.0)  # +delta, or 1
     return low_offset, high_offset
 
 
@@ -51,7 +54,7 @@ def multilabel_as_softmax_keep(scores: Tensor, positive: Tensor, delta: float) -
         p = torch.softmax(scores, dim=1)
         neg = (~positive).to(p.dtype)
         low_offset, high_offset = _cutoff_offsets(
-            positive.sum(dim=1, keepdim=True), scores.shape[1], delta
+            positive.sum(dim=1, keepdim=True).to(p.dtype), scores.shape[1], delta
         )
         low = (p + neg).amin(dim=1, keepdim=True) + low_offset
         high = (p * neg).amax(dim=1, keepdim=True) + high_offset
@@ -82,8 +85,6 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
     device = logits.device
     num_classes = layout.num_classes
     target = layout.to_layout(target)
-    positives = target.sum(1, keepdim=True, dtype=cdtype)
-    low_offset, high_offset = _cutoff_offsets(positives, num_classes, delta)
     loss = torch.empty(layout.row_shape, dtype=cdtype, device=device)
     min_pos = torch.empty_like(loss)
     log_sum = torch.empty_like(loss)
@@ -102,32 +103,31 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         split(log_sum),
         strict=True,
     )
-    blocks = zip(blocks, split(low_offset), split(high_offset), strict=True)
-    for (src, pos, out_block, loss_block, min_pos_block, lse_block), low_off, high_off in blocks:
+    for src, pos, out_block, loss_block, min_pos_block, lse_block in blocks:
 
         def buf(name: str, like: Tensor = src) -> Tensor:
             return scratch(buffers, name, like.shape, like, cdtype)
 
         if layout.transposed or src.dtype != cdtype:  # several ops read it: convert once
             src = buf("src").copy_(src)
-        if pos.dtype != cdtype or not pos.is_contiguous():
-            pos = buf("pos").copy_(pos)
+        # The target block is overwritten with 1/p below, so it is always a copy.
+        pos = buf("pos").copy_(pos)
+        low_offset, high_offset = _cutoff_offsets(pos.sum(1, keepdim=True), num_classes, delta)
         neg = torch.sub(one, pos, out=buf("neg"))
         p = torch.softmax(src, 1, dtype=cdtype, out=buf("p"))
         # min over positives of p: negatives read as p + 1 >= 1. Also the denominator of 1/p.
         shifted = torch.add(p, neg, out=buf("shifted"))
-        p_min_pos = torch.amin(shifted, 1, keepdim=True, out=min_pos_block)
-        low = torch.add(p_min_pos, low_off, out=buf("low", p_min_pos))
-        neg_p = torch.mul(p, neg, out=buf("neg_p"))
-        high = torch.amax(neg_p, 1, keepdim=True, out=buf("high", p_min_pos))
-        high.add_(high_off)
+        low = torch.amin(shifted, 1, keepdim=True, out=min_pos_block).add(low_offset)
+        neg_p = neg.mul_(p)
+        high = torch.amax(neg_p, 1, keepdim=True).add_(high_offset)
         # log sum exp(s) = max s - log max p, as max p = 1 / sum exp(s - max s).
         lse = torch.amax(src, 1, keepdim=True, out=lse_block)
         lse.sub_(torch.amax(p, 1, keepdim=True).log_())
         # Float masks keep the ops vectorised; NaN * 0 = NaN keeps NaN rows visible.
-        neg_p.mul_(torch.ge(p, low, out=buf("mask")))
-        inv_pos = torch.div(pos, shifted, out=buf("inv_pos"))  # 1/p on positives, 0 on negatives
-        inv_pos.mul_(torch.le(p, high, out=buf("mask")))
+        mask = buf("mask")
+        neg_p.mul_(torch.ge(p, low, out=mask))
+        inv_pos = pos.div_(shifted)  # 1/p on positives, 0 on negatives
+        inv_pos.mul_(torch.le(p, high, out=mask))
         neg_mass = neg_p.sum(1, keepdim=True)
         pos_mass = inv_pos.sum(1, keepdim=True)
         # log(1 + e^lse A) and log(1 + e^-lse B): exactly 0 for empty sums. Rows with a large
@@ -142,7 +142,7 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         # -e^-s / (1 + e^-lse B) = -(1/p) / (e^lse + B) on kept positives.
         neg_scale = inv_exp_lse.add_(neg_mass).reciprocal_()
         pos_scale = exp_lse.add_(pos_mass).reciprocal_().neg_()
-        grad = out_block if direct else buf("grad")
+        grad = out_block if direct else shifted
         torch.mul(neg_p, neg_scale, out=grad)
         grad.addcmul_(inv_pos, pos_scale)
         if not direct:
