@@ -580,7 +580,7 @@ def test_benchmark_script_quick_run(capsys):
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     try:
-        table = module.main(["--quick"])
+        table = module.main(["--quick", "--layouts"])
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
@@ -594,6 +594,7 @@ def test_benchmark_script_quick_run(capsys):
         "| multilabel_as_softmax_loss | 32 x 300 | bfloat16 | bce_with_logits |" in line
         for line in lines
     )
+    assert any("| (N, L, C).transpose(1, 2), N=2 C=300 L=16 |" in line for line in lines)
     for line in lines[2:]:
         ratios = [float(cell) for cell in line.strip("|").split("|")[4:7]]
         assert all(r > 0 and math.isfinite(r) for r in ratios)
