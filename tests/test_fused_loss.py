@@ -504,6 +504,30 @@ def test_multilabel_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda z: multilabel_as_softmax_loss(z, target3, 0.2), (leaf3,))
 
 
+def test_losses_can_be_modified_in_place_before_backward():
+    """Weighting the per-sample loss in place must not invalidate the saved state."""
+    logits, target = single_label_data((40,), 12, seed=32)
+    weights = torch.rand(40, generator=torch.Generator().manual_seed(3))
+    leaf = logits.clone().requires_grad_()
+    loss = as_softmax_cross_entropy(leaf, target, 0.1, reduction="none")
+    loss.mul_(weights)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    ref_leaf = logits.clone().requires_grad_()
+    expected = reference_loss(ref_leaf, target, 0.1, reduction="none") * weights.double()
+    (expected_grad,) = torch.autograd.grad(expected.sum(), ref_leaf)
+    torch.testing.assert_close(grad.double(), expected_grad.double(), atol=2e-6, rtol=1e-4)
+
+    ml_logits, ml_target = multilabel_data((40, 12), seed=33)
+    ml_leaf = ml_logits.clone().requires_grad_()
+    ml_loss = multilabel_as_softmax_loss(ml_leaf, ml_target, 0.1, reduction="none")
+    ml_loss.mul_(weights)
+    (ml_grad,) = torch.autograd.grad(ml_loss.sum(), ml_leaf)
+    ml_ref_leaf = ml_logits.clone().requires_grad_()
+    ml_expected = reference_multilabel_loss(ml_ref_leaf, ml_target, 0.1, "none") * weights.double()
+    (ml_expected_grad,) = torch.autograd.grad(ml_expected.sum(), ml_ref_leaf)
+    torch.testing.assert_close(ml_grad.double(), ml_expected_grad.double(), atol=2e-6, rtol=1e-4)
+
+
 def test_multilabel_retain_graph():
     logits, target = multilabel_data((30, 20), seed=27)
     leaf = logits.clone().requires_grad_()

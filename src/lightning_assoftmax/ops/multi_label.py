@@ -85,7 +85,9 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
     device = logits.device
     num_classes = layout.num_classes
     target = layout.to_layout(target)
-    loss = torch.empty(layout.row_shape, dtype=cdtype, device=device)
+    # Flat buffers viewed per row: the returned loss must not be a view (callers may modify it).
+    flat_loss = torch.empty(layout.num_rows, dtype=cdtype, device=device)
+    loss = flat_loss.view(layout.row_shape)
     min_pos = torch.empty_like(loss)
     log_sum = torch.empty_like(loss)
     out = layout.new_out(logits.dtype) if need_grad else None
@@ -148,7 +150,7 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         if not direct:
             out_block.copy_(grad)
 
-    loss = loss.reshape(-1)
+    loss = flat_loss
     min_pos, log_sum = min_pos.reshape(-1), log_sum.reshape(-1)
     # Where 1/p_j or e^{+-lse} would lose digits or overflow, recompute with shifted exponentials.
     tiny = torch.finfo(cdtype).tiny ** 0.8
@@ -174,17 +176,18 @@ class _FusedMultiLabelASSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, delta: float):
         loss, out, layout = _forward(logits, target, delta, True)
-        ctx.save_for_backward(out, loss)
+        # A row with loss exactly 0 is a masked sample: its gradient is exactly 0, not round-off.
+        # (Saved as a mask, not the output itself, so callers may modify the loss in place.)
+        ctx.save_for_backward(out, loss != 0)
         ctx.layout = layout
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        out, loss = ctx.saved_tensors
+        out, live = ctx.saved_tensors
         layout = ctx.layout
-        # A row with loss exactly 0 is a masked sample: its gradient is exactly 0, not round-off.
-        scale = torch.where(loss != 0, grad_loss, 0.0).reshape(layout.row_shape)
+        scale = torch.where(live, grad_loss, 0.0).reshape(layout.row_shape)
         grad = scale_rows(out, scale)
         return layout.to_input_layout(grad), None, None
 

@@ -47,8 +47,9 @@ def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, ne
     layout = BlockLayout(logits)
     cdtype = compute_dtype(logits.dtype)
     device = logits.device
+    flat_valid = target.reshape(-1) != ignore_index  # returned: a base tensor, not a view
     target = target.reshape(layout.row_shape)
-    valid = target != ignore_index
+    valid = flat_valid.view(layout.row_shape)
     safe_target = torch.where(valid, target, 0)
     # Ignored samples get an infinite cut-off: the mask zeroes them without a separate pass.
     shift = torch.where(valid, delta, -math.inf)
@@ -86,7 +87,6 @@ def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, ne
         if out_block is not None and not direct:
             out_block.copy_(probs)
 
-    flat_valid = valid.reshape(-1)
     pt_flat, mass = p_target.reshape(-1), kept_mass.reshape(-1)
     # loss = log K - log p_t, 0 at ignored samples (ratio 1; also keeps log off its slow path
     # for 0). A masked sample has K == p_t bit for bit: its loss is exactly 0.
