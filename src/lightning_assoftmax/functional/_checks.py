@@ -96,8 +96,8 @@ def check_multilabel_target(logits: Tensor, target: Tensor, fn: str) -> None:
             "F.one_hot(target, num_classes).)"
         )
     if target.numel() and not _only_zeros_and_ones(target):
-        bad = target[(target != 0) & (target != 1)].flatten()[0].item()
-        bad = f"{bad:.6g}" if isinstance(bad, float) else repr(bad)
+        value = target[(target != 0) & (target != 1)].flatten()[0]
+        bad = _shortest_repr(value)
         raise ValueError(
             f"{fn}: multi-label target must contain only 0 and 1, found {bad}. "
             "Threshold soft labels first (e.g. `(target > 0.5).float()`)."
@@ -116,3 +116,15 @@ def _only_zeros_and_ones(target: Tensor) -> bool:
         if not torch.equal(piece * piece, piece):
             return False
     return True
+
+
+def _shortest_repr(value: Tensor) -> str:
+    """The shortest decimal that reads back as the same value in its dtype (0.7, 0.99999994)."""
+    number = value.item()
+    if not isinstance(number, float):
+        return repr(number)
+    for digits in range(1, 18):
+        text = f"{number:.{digits}g}"
+        if torch.tensor(float(text), dtype=value.dtype) == value:
+            return text
+    return repr(number)
