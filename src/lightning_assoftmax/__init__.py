@@ -1,10 +1,12 @@
 """lightning_assoftmax: Adaptive Sparse Softmax (Lv et al., TASLP 2025) for PyTorch Lightning.
 
-Layers, bottom to top: :mod:`.functional` (pure PyTorch math), :mod:`.losses` and :mod:`.metrics`
-(modules on it), :mod:`.mixin` and :mod:`.callbacks` (Lightning glue).
+Layers, bottom to top: :mod:`.functional` (pure PyTorch math), :mod:`.losses`, :mod:`.metrics`
+and :mod:`.family` (modules on it: AS-Softmax and the baseline losses), :mod:`.mixin` and
+:mod:`.callbacks` (Lightning glue).
 """
 
-from lightning_assoftmax.callbacks import DeltaWarmup
+from lightning_assoftmax.callbacks import DeltaWarmup, LossAccuracyCorrelation
+from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
 from lightning_assoftmax.losses import ASSoftmaxLoss, MultiLabelASSoftmaxLoss
 from lightning_assoftmax.metrics import MaskedSampleRatio
 from lightning_assoftmax.mixin import ASSoftmaxMixin
@@ -14,8 +16,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ASSoftmaxLoss",
     "ASSoftmaxMixin",
+    "CosineClassifier",
     "DeltaWarmup",
+    "LossAccuracyCorrelation",
     "MaskedSampleRatio",
     "MultiLabelASSoftmaxLoss",
     "__version__",
+    "build_loss",
+    "classifier_head",
 ]

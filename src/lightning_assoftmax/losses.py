@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_assoftmax.functional import as_softmax_cross_entropy, multilabel_as_softmax_loss
+from lightning_assoftmax.functional import (
+    as_softmax_cross_entropy,
+    as_softmax_loss_and_stats,
+    multilabel_as_softmax_loss,
+)
 from lightning_assoftmax.functional._checks import check_delta, check_reduction
 
 __all__ = ["ASSoftmaxLoss", "MultiLabelASSoftmaxLoss"]
@@ -27,6 +31,10 @@ class ASSoftmaxLoss(nn.Module):
         tensor(0.)
     """
 
+    # The softmax-family interface (see lightning_assoftmax.family.FamilyLoss).
+    name = "as_softmax"
+    produces_masked_samples = True
+
     def __init__(self, delta: float = 0.1, ignore_index: int = -100, reduction: str = "mean") -> None:
         super().__init__()
         self.delta = check_delta(delta)
@@ -37,6 +45,16 @@ class ASSoftmaxLoss(nn.Module):
         return as_softmax_cross_entropy(
             logits, target, self.delta, ignore_index=self.ignore_index, reduction=self.reduction
         )
+
+    def loss_and_stats(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss plus ``(masked_count, valid_count)`` (see ``as_softmax_loss_and_stats``)."""
+        return as_softmax_loss_and_stats(
+            logits, target, self.delta, ignore_index=self.ignore_index, reduction=self.reduction
+        )
+
+    def predictive_logits(self, logits: Tensor) -> Tensor:
+        """Prediction is unchanged by the mask: the raw logits."""
+        return logits
 
     def extra_repr(self) -> str:
         return f"delta={self.delta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

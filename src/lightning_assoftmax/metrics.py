@@ -12,7 +12,7 @@ from lightning_assoftmax.functional import (
 )
 from lightning_assoftmax.functional._checks import check_delta
 
-__all__ = ["MaskedSampleRatio"]
+__all__ = ["MaskedSampleRatio", "WeightedMean"]
 
 
 class MaskedSampleRatio(Metric):
@@ -67,3 +67,33 @@ class MaskedSampleRatio(Metric):
 
     def compute(self) -> Tensor:
         return self.masked.float() / self.total.clamp(min=1).float()
+
+
+class WeightedMean(Metric):
+    """Exact weighted mean ``sum(value * weight) / sum(weight)`` whose NaN values are kept.
+
+    The mixin's logged epoch values use it: a NaN loss must show in the logs. (torchmetrics'
+    ``MeanMetric(nan_strategy="disable")`` keeps NaN but, in torchmetrics 1.9, also drops the
+    weights.) States are sums, so DDP synchronisation gives the mean over all processes' samples.
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    weighted_sum: Tensor
+    weight: Tensor
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("weighted_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: Tensor) -> None:
+        value = torch.as_tensor(value, dtype=self.weighted_sum.dtype, device=self.device)
+        weight = torch.as_tensor(weight, dtype=self.weight.dtype, device=self.device)
+        self.weighted_sum += (value * weight).sum()
+        self.weight += weight.sum()
+
+    def compute(self) -> Tensor:
+        return self.weighted_sum / self.weight

@@ -1,5 +1,6 @@
 """Lightning callbacks of the bundle (one per file, named for what it does)."""
 
 from lightning_assoftmax.callbacks.delta_warmup import DeltaWarmup
+from lightning_assoftmax.callbacks.loss_accuracy_correlation import LossAccuracyCorrelation
 
-__all__ = ["DeltaWarmup"]
+__all__ = ["DeltaWarmup", "LossAccuracyCorrelation"]

@@ -55,6 +55,13 @@ class DeltaWarmup(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         require_mixin(pl_module, "DeltaWarmup")
+        loss = getattr(pl_module, "as_softmax_loss_name", "as_softmax")
+        if loss != "as_softmax":
+            raise ValueError(
+                f"DeltaWarmup schedules the AS-Softmax margin delta, but {type(pl_module).__name__} "
+                f"trains with loss={loss!r}, which has no delta. Remove the callback for this run "
+                "or use loss='as_softmax'."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.warmup_fraction == 0:

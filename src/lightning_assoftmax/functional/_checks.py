@@ -97,7 +97,8 @@ def check_multilabel_target(logits: Tensor, target: Tensor, fn: str) -> None:
         )
     if target.numel() and not bool(((target == 0) | (target == 1)).all()):
         bad = target[(target != 0) & (target != 1)].flatten()[0].item()
+        bad = f"{bad:.6g}" if isinstance(bad, float) else repr(bad)
         raise ValueError(
-            f"{fn}: multi-label target must contain only 0 and 1, found {bad!r}. "
+            f"{fn}: multi-label target must contain only 0 and 1, found {bad}. "
             "Threshold soft labels first (e.g. `(target > 0.5).float()`)."
         )

@@ -16,7 +16,8 @@ UNBOUNDED = sys.maxsize
 def accumulation_steps(masked_ratio: float | Tensor, lam: float = 1.0) -> int:
     r"""Wanted number of micro-batches per optimizer step, :math:`\max(1, \mathrm{round}(\lambda / (1 - \rho)))`.
 
-    Rounding is half-to-even (as Python's ``round`` and the reference code). When every sample is
+    Rounding is half-to-even (as Python's ``round`` and the reference code), applied to the
+    quotient taken to six decimals so that float32 noise in the ratio cannot decide a tie. When every sample is
     masked (``masked_ratio >= 1``) the value is ``sys.maxsize``, above any cap.
 
     Example:
@@ -36,7 +37,8 @@ def accumulation_steps(masked_ratio: float | Tensor, lam: float = 1.0) -> int:
     wanted = lam / (1.0 - masked_ratio)
     if wanted >= UNBOUNDED:
         return UNBOUNDED
-    return max(1, round(wanted))
+    # Six decimals first, so float32 noise in the ratio (0.6 -> 0.60000002) cannot decide a tie.
+    return max(1, round(round(wanted, 6)))
 
 
 def next_accumulation_steps(masked_ratio: float | Tensor, previous: int, lam: float = 1.0, max_steps: int = 2) -> int:

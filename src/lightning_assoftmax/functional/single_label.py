@@ -113,7 +113,8 @@ class _ASSoftmaxCrossEntropy(torch.autograd.Function):
 def _row_losses(logits: Tensor, target: Tensor, delta: float, ignore_index: int) -> tuple[Tensor, Tensor]:
     z, t = _as_rows(logits, target)
     if z.shape[0] == 0:
-        empty = z.new_zeros(0, dtype=_compute_dtype(z))
+        # Stay attached to the graph: backward through an empty batch must work (zero gradient).
+        empty = z.to(_compute_dtype(z)).sum(dim=1)
         return empty, torch.zeros(0, dtype=torch.bool, device=z.device)
     if torch.is_grad_enabled() and z.requires_grad:
         return _ASSoftmaxCrossEntropy.apply(z, t, delta, ignore_index)

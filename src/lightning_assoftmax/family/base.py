@@ -1,0 +1,124 @@
+"""``FamilyLoss``: what every member of the softmax family shares (pure PyTorch, no Lightning).
+
+Each member sees the logits laid out as ``F.cross_entropy`` wants them (``(N, C)``,
+``(N, C, d1, ...)`` or ``(C,)``) and an integer target, and only has to say how one row's loss is
+computed. The base class validates the input, keeps ignored positions out of the computation
+altogether (they get neither loss nor gradient, and a NaN in an ignored row stays harmless),
+reduces as ``F.cross_entropy`` does, and counts the rows whose loss is exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_assoftmax.functional._checks import check_class_target, check_reduction
+
+__all__ = ["FamilyLoss"]
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    # As for AS-Softmax: half-precision logits are computed and reduced in float32.
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _as_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """View ``(N, C, d1, ...)`` / ``(C,)`` logits as ``(M, C)`` rows and the target as ``(M,)``."""
+    if logits.dim() == 1:
+        return logits.unsqueeze(0), target.reshape(1)
+    if logits.dim() == 2:
+        return logits, target
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1]), target.reshape(-1)
+
+
+class FamilyLoss(nn.Module):
+    """Base of the softmax-family losses built by :func:`~lightning_assoftmax.build_loss`.
+
+    Subclasses implement :meth:`row_losses` on the non-ignored rows only and may override
+    :meth:`predictive_logits`. Calling the module returns the reduced loss; :meth:`loss_and_stats`
+    also returns the counts the Lightning glue logs.
+
+    Args:
+        ignore_index: target value whose positions contribute neither loss nor gradient.
+        reduction: ``"mean"`` (over non-ignored elements; 0 when there are none), ``"sum"`` or
+            ``"none"`` (shaped like the target, 0 at ignored positions).
+
+    Attributes:
+        name: the name :func:`build_loss` knows the loss by.
+        produces_masked_samples: whether a sample can reach an exact zero loss with an exact zero
+            gradient on finite logits (a *masked sample* in the AS-Softmax sense). Only then is the
+            zero-loss count reported; dense losses (softmax and friends) report 0, since a float32
+            cross entropy that rounds to 0 still has a non-zero gradient.
+    """
+
+    name: ClassVar[str] = ""
+    produces_masked_samples: bool = False
+
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean") -> None:
+        super().__init__()
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}.")
+        self.ignore_index = ignore_index
+        self.reduction = check_reduction(reduction)
+
+    def row_losses(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Loss of each row: logits ``(M, C)`` in float32/float64, target ``(M,)`` -> ``(M,)``.
+
+        Only non-ignored rows are passed, so every target is a valid class index.
+        """
+        raise NotImplementedError
+
+    def predictive_logits(self, logits: Tensor) -> Tensor:
+        """The logits whose softmax is the model's predicted distribution (identity by default).
+
+        The Lightning glue logs the plain cross entropy of these as ``<stage>/ce_loss``.
+        """
+        return logits
+
+    def loss_and_stats(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The reduced loss plus ``(masked_count, valid_count)``, both detached 0-dim long tensors.
+
+        ``masked_count`` counts non-ignored elements whose loss is exactly 0 when
+        :attr:`produces_masked_samples` is true, else it is 0. ``valid_count`` counts the
+        non-ignored elements.
+        """
+        check_class_target(logits, target, self.ignore_index, self.name or type(self).__name__)
+        z, t = _as_rows(logits, target)
+        valid = t != self.ignore_index
+        z_valid = z[valid].to(_compute_dtype(z))
+        t_valid = t[valid]
+        self._check_rows(z_valid)
+        if z_valid.shape[0] > 0:
+            rows = self.row_losses(z_valid, t_valid)
+        else:
+            # Empty, but still attached to the graph: an all-ignored batch gives a loss of 0 that
+            # backward() accepts (zero gradient) instead of a tensor without grad_fn.
+            rows = z_valid.sum(dim=1)
+        with torch.no_grad():
+            valid_count = valid.sum()
+            if self.produces_masked_samples:
+                masked = (rows.detach() == 0).sum()
+            else:
+                masked = torch.zeros((), dtype=torch.long, device=valid_count.device)
+        return self._reduce(rows, valid, target), masked, valid_count
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return self.loss_and_stats(logits, target)[0]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _check_rows(self, logits: Tensor) -> None:
+        """Member-specific checks of the non-ignored rows ``(M, C)``; nothing by default."""
+
+    def _reduce(self, rows: Tensor, valid: Tensor, target: Tensor) -> Tensor:
+        if self.reduction == "none":
+            full = rows.new_zeros(valid.shape).masked_scatter(valid, rows)
+            return full.reshape(target.shape)
+        total = rows.sum()
+        if self.reduction == "sum":
+            return total
+        return total / valid.sum().clamp(min=1).to(total.dtype)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"

@@ -1,0 +1,65 @@
+"""Tiny Lightning modules and data for the tests (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_assoftmax import ASSoftmaxMixin
+
+
+class TinyClassifier(ASSoftmaxMixin, L.LightningModule):
+    def __init__(self, in_features: int = 8, num_classes: int = 4, lr: float = 0.05, delta: float = 0.1, **kwargs):
+        super().__init__(delta=delta, **kwargs)
+        self.save_hyperparameters()
+        self.net = nn.Linear(in_features, num_classes)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.as_softmax_loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.as_softmax_loss(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.as_softmax_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def blobs(n: int = 96, in_features: int = 8, num_classes: int = 4, seed: int = 0, ignore_share: float = 0.0):
+    """Separable Gaussian blobs: the masked ratio rises within a few epochs."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(num_classes, in_features, generator=gen) * 3
+    y = torch.randint(num_classes, (n,), generator=gen)
+    x = centers[y] + torch.randn(n, in_features, generator=gen)
+    if ignore_share:
+        y = y.clone()
+        y[torch.rand(n, generator=gen) < ignore_share] = -100
+    return TensorDataset(x, y)
+
+
+def loader(dataset, batch_size: int = 16, shuffle: bool = False):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=2,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
