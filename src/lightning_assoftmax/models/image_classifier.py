@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.mixin import ASSoftmaxMixin
 from lightning_assoftmax.models._common import (
     adamw,
@@ -34,7 +35,8 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay on weight matrices.
         delta: the AS-Softmax margin in [0, 1].
-        **as_softmax_options: further :class:`ASSoftmaxMixin` options (e.g. ``multilabel``).
+        **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
+            ``multilabel``, ``ignore_index``.
     """
 
     def __init__(
@@ -62,7 +64,8 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
             nn.Conv2d(in_channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
             nn.Conv2d(channels, wide, 3, padding=1), nn.BatchNorm2d(wide), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(wide, wide, 3, padding=1), nn.BatchNorm2d(wide), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(wide, num_classes),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+            classifier_head(wide, num_classes, loss=self.as_softmax_loss_name),
         )
 
     def forward(self, images: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_assoftmax._pretrained import BUNDLED_MINILM, load_pretrained_encoder
+from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.mixin import ASSoftmaxMixin
 from lightning_assoftmax.models._common import (
     adamw,
@@ -56,7 +57,9 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         weight_decay: AdamW weight decay on weight matrices.
         multilabel: targets are multi-hot; uses the multi-label AS-Softmax loss.
         delta: the AS-Softmax margin in [0, 1] (1 is plain softmax cross entropy).
-        **as_softmax_options: further :class:`ASSoftmaxMixin` options (e.g. ``ignore_index``).
+        **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss`` (another member
+            of the softmax family, e.g. ``"softmax"`` for the plain baseline), ``loss_kwargs``,
+            ``ignore_index``.
     """
 
     def __init__(
@@ -117,30 +120,32 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
                 check_positive_int(owner, "embed_dim", embed_dim)
                 self.embedding = nn.EmbeddingBag(vocab_size, embed_dim, mode="sum")
             width = self.embedding.embedding_dim
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
         if hidden_dim:
-            self.head = nn.Sequential(
-                nn.Dropout(dropout), nn.Linear(width, hidden_dim), nn.GELU(),
-                nn.Dropout(dropout), nn.Linear(hidden_dim, num_classes),
-            )
-        else:
-            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+            layers += [nn.Linear(width, hidden_dim), nn.GELU(), nn.Dropout(dropout)]
+            width = hidden_dim
+        # The loss picks its output layer (a cosine classifier for am_softmax).
+        layers.append(classifier_head(width, num_classes, loss=self.as_softmax_loss_name))
+        self.head = nn.Sequential(*layers)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits (N, C) of token ids (N, L); ``attention_mask`` (N, L) marks real tokens with 1."""
+    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Pooled text vectors (N, width) of token ids (N, L); ``attention_mask`` (N, L) marks real
+        tokens with 1 (padding is left out of the pooling)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.to(torch.get_default_dtype())
         if self.encoder is None:
+            mask = attention_mask.to(self.embedding.weight.dtype)
             weights = mask / mask.sum(dim=1, keepdim=True).clamp_min(1.0)
-            pooled = self.embedding(input_ids, per_sample_weights=weights)
-        else:
-            states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            if self.pooling == "first":
-                pooled = states[:, 0]
-            else:
-                mask = mask.to(states.dtype).unsqueeze(-1)
-                pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-        return self.head(pooled)
+            return self.embedding(input_ids, per_sample_weights=weights)
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "first":
+            return states[:, 0]
+        mask = attention_mask.to(states.dtype).unsqueeze(-1)
+        return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits (N, C) of token ids (N, L)."""
+        return self.head(self.features(input_ids, attention_mask))
 
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self(batch["input_ids"], batch.get("attention_mask"))

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.mixin import ASSoftmaxMixin
 from lightning_assoftmax.models._common import (
     adamw,
@@ -43,7 +44,8 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay on weight matrices.
         delta: the AS-Softmax margin in [0, 1].
-        **as_softmax_options: further :class:`ASSoftmaxMixin` options (e.g. ``ignore_index``).
+        **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
+            ``ignore_index``.
     """
 
     def __init__(
@@ -78,7 +80,9 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
             dropout=dropout if num_layers > 1 else 0.0,
         )
         self.dropout = nn.Dropout(dropout)
-        self.output = nn.Linear(hidden_dim * (2 if bidirectional else 1), num_classes)
+        self.output = classifier_head(
+            hidden_dim * (2 if bidirectional else 1), num_classes, loss=self.as_softmax_loss_name
+        )
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits (N, L, C) of token ids (N, L)."""
