@@ -144,7 +144,8 @@ def test_module_and_console_script_entry_points():
 
 # -- short end-to-end runs, one per model/data pair -----------------------------------------------
 def test_fit_image_classifier_on_digits_learns_and_prints_summary(tmp_path, capsys):
-    cli = ASSoftmaxCLI(args=["fit", "--config", str(EXAMPLES / "digits.yaml"), "--trainer.max_epochs=3", *QUIET])
+    args = ["--config", str(EXAMPLES / "digits.yaml"), "--trainer.max_epochs=3", *QUIET]
+    cli = ASSoftmaxCLI(args=["fit", *args, "--trainer.enable_checkpointing=true"])
     metrics = cli.trainer.callback_metrics
     assert metrics["val/acc"] > 0.8
     out = capsys.readouterr().out
@@ -156,6 +157,20 @@ def test_fit_image_classifier_on_digits_learns_and_prints_summary(tmp_path, caps
     with metrics_csv.open() as handle:
         logged = [row["val/acc"] for row in csv.DictReader(handle) if row.get("val/acc")]
     assert len(logged) == 3 and math.isclose(float(logged[-1]), float(metrics["val/acc"]), rel_tol=1e-6)
+
+    # the checkpoint loads back, through the CLI and directly (no stray linked keys in its hparams)
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path
+    tested = ASSoftmaxCLI(args=["test", *args, f"--ckpt_path={checkpoint}", "--trainer.default_root_dir=t"])
+    assert math.isclose(float(tested.trainer.callback_metrics["test/acc"]), _accuracy(cli.model, cli.datamodule), rel_tol=1e-6)
+    loaded = type(cli.model).load_from_checkpoint(checkpoint)
+    assert "vocab_size" not in loaded.hparams and loaded.hparams["num_classes"] == 10
+
+
+def _accuracy(model, datamodule) -> float:
+    model.eval()
+    with torch.no_grad():
+        hits = [(model(x).argmax(-1) == y).sum().item() for x, y in datamodule.test_dataloader()]
+    return sum(hits) / len(datamodule.datasets["test"])
 
 
 def test_fit_text_classifier_on_bbc_news_subset():

@@ -15,6 +15,7 @@ model's arguments of the same name. After ``fit`` a summary table is printed.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -58,6 +59,21 @@ def _from_data(name: str, default: Any) -> Callable[[L.LightningDataModule], Any
     return read
 
 
+def init_parameter_names(cls: type) -> set[str]:
+    """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up the MRO (as jsonargparse does
+    for cooperative ``super().__init__(**kwargs)``), up to ``LightningModule``."""
+    names: set[str] = set()
+    for base in cls.__mro__:
+        if base in (L.LightningModule, object) or "__init__" not in vars(base):
+            continue
+        parameters = inspect.signature(base.__init__).parameters.values()
+        names.update(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    names.discard("self")
+    return names
+
+
 def _innermost(error: BaseException) -> BaseException:
     """The original exception under jsonargparse's wrapping (it re-raises inside ``except``)."""
     seen = {id(error)}
@@ -99,6 +115,20 @@ class ASSoftmaxCLI(LightningCLI):
             if not isinstance(inner, _CONFIG_ERRORS):
                 raise
             self._parser(self.subcommand).error(f"{type(inner).__name__}: {inner}")
+        self._drop_unused_links_from_hparams()
+
+    def _drop_unused_links_from_hparams(self) -> None:
+        # LightningCLI records every applied link target in the model's saved hyperparameters,
+        # also one the model has no argument for (ImageClassifier has no vocab_size); such a key
+        # makes the checkpoint fail to load (`--ckpt_path`, `load_from_checkpoint`).
+        accepted = init_parameter_names(type(self.model))
+        for attribute in ("_hparams", "_hparams_initial"):
+            hparams = getattr(self.model, attribute, None)
+            if hparams is None:
+                continue
+            for name in MODEL_ARGS_FROM_DATA:
+                if name not in accepted:
+                    hparams.pop(name, None)
 
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
