@@ -5,7 +5,11 @@ and :mod:`.family` (modules on it: AS-Softmax and the baseline losses), :mod:`.m
 :mod:`.callbacks` (Lightning glue).
 """
 
-from lightning_assoftmax.callbacks import DeltaWarmup, LossAccuracyCorrelation
+from lightning_assoftmax.callbacks import (
+    AdaptiveGradAccumulation,
+    DeltaWarmup,
+    LossAccuracyCorrelation,
+)
 from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
 from lightning_assoftmax.losses import ASSoftmaxLoss, MultiLabelASSoftmaxLoss
 from lightning_assoftmax.metrics import MaskedSampleRatio
@@ -14,6 +18,7 @@ from lightning_assoftmax.mixin import ASSoftmaxMixin
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveGradAccumulation",
     "ASSoftmaxLoss",
     "ASSoftmaxMixin",
     "CosineClassifier",
