@@ -54,6 +54,13 @@ def _fit(args: list[str]) -> ASSoftmaxCLI:
     return ASSoftmaxCLI(args=["fit", "--trainer.logger=false", "--trainer.enable_checkpointing=false", *QUIET, *args])
 
 
+def _summary(out: str) -> dict[str, str]:
+    """The rows of the table printed after fit."""
+    table = out.split("AS-Softmax run summary", 1)[1].splitlines()[2:]
+    rows = [re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in table if "  " in line]
+    return {name: value for name, value in rows}
+
+
 def _changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> bool:
     return any(not torch.equal(before[name], value) for name, value in model.state_dict().items() if name in before)
 
@@ -79,6 +86,10 @@ def test_defaults_are_text_classifier_on_bbc_news(capsys):
     assert config["model"]["class_path"] == "lightning_assoftmax.models.TextClassifier"
     assert config["data"]["class_path"] == "lightning_assoftmax.data.BBCNews"
     assert config["seed_everything"] == 0
+
+
+def test_the_bundle_exports_its_callbacks():
+    assert {"AdaptiveGradAccumulation", "DeltaWarmup", "LossAccuracyCorrelation"} <= set(bundle_callbacks.__all__)
 
 
 @pytest.mark.parametrize("callback", sorted(bundle_callbacks.__all__))
@@ -145,15 +156,21 @@ def test_module_and_console_script_entry_points():
 # -- short end-to-end runs, one per model/data pair -----------------------------------------------
 def test_fit_image_classifier_on_digits_learns_and_prints_summary(tmp_path, capsys):
     args = ["--config", str(EXAMPLES / "digits.yaml"), "--trainer.max_epochs=3", *QUIET]
-    cli = ASSoftmaxCLI(args=["fit", *args, "--trainer.enable_checkpointing=true"])
+    cli = ASSoftmaxCLI(
+        args=["fit", *args, "--trainer.enable_checkpointing=true", "--trainer.callbacks+=AdaptiveGradAccumulation"]
+    )
     metrics = cli.trainer.callback_metrics
     assert metrics["val/acc"] > 0.8
-    out = capsys.readouterr().out
-    assert "AS-Softmax run summary" in out
-    for row in ("val/acc", "val/loss", "val/masked_ratio", "accumulation window", "val/loss_acc_pearson", "figure"):
-        assert row in out
-    metrics_csv = Path(cli.trainer.logger.experiment.metrics_file_path)
-    assert metrics_csv.is_file() and str(metrics_csv) in out
+    summary = _summary(capsys.readouterr().out)
+    assert float(summary["val/acc"]) == pytest.approx(float(metrics["val/acc"]), abs=1e-4)
+    assert 0.0 <= float(summary["val/masked_ratio"]) <= 1.0
+    accumulation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "AdaptiveGradAccumulation")
+    assert summary["accumulation window"] == str(accumulation.accumulate_grad_batches)
+    assert summary["optimizer steps"].startswith(f"{cli.trainer.global_step} for {3 * 20} batches")
+    assert -1.0 <= float(summary["val/loss_acc_pearson"]) <= 1.0
+    assert Path(summary["figure"]).is_file()
+    metrics_csv = Path(summary["metrics CSV"])
+    assert metrics_csv == Path(cli.trainer.logger.experiment.metrics_file_path) and metrics_csv.is_file()
     with metrics_csv.open() as handle:
         logged = [row["val/acc"] for row in csv.DictReader(handle) if row.get("val/acc")]
     assert len(logged) == 3 and math.isclose(float(logged[-1]), float(metrics["val/acc"]), rel_tol=1e-6)
@@ -244,11 +261,14 @@ def test_validate_test_and_predict_subcommands():
 def test_default_config_end_to_end(capsys):
     main(["fit", "--config", str(EXAMPLES / "bbc_news.yaml")])
     out = capsys.readouterr().out
-    table = out.split("AS-Softmax run summary", 1)[1].splitlines()[2:]
-    summary = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in table if "  " in line)
+    summary = _summary(out)
     assert float(summary["val/acc"]) >= 0.95
     assert 0.0 < float(summary["val/masked_ratio"]) < 1.0
     assert float(summary["val/loss"]) < float(summary["val/ce_loss"])
     assert float(summary["val/loss_acc_pearson"]) < 0
+    # nearly every training sample is masked after the first epoch: the window grows to max_steps
+    assert summary["accumulation window"] == "2"
+    taken, plain = map(int, re.match(r"(\d+) for (\d+) batches", summary["optimizer steps"]).groups())
+    assert plain == 6 * 49 and plain / 2 <= taken < plain
     for key in ("metrics CSV", "figure"):
         assert Path(summary[key].strip()).is_file(), key

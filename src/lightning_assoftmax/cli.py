@@ -30,7 +30,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 # Imported so that their classes resolve by short name (jsonargparse looks among loaded subclasses).
-from lightning_assoftmax import callbacks  # noqa: F401
+from lightning_assoftmax.callbacks import (  # noqa: F401
+    AdaptiveGradAccumulation,
+    DeltaWarmup,
+    LossAccuracyCorrelation,
+)
 from lightning_assoftmax.data import BBCNews, BBCNewsTokens, Digits, TextFile  # noqa: F401
 from lightning_assoftmax.models import ImageClassifier, TextClassifier, TokenClassifier  # noqa: F401
 
@@ -153,17 +157,24 @@ def run_summary(trainer: L.Trainer) -> list[tuple[str, str]]:
     accumulation window, the loss/accuracy correlations and the files written ("n/a" if absent)."""
     metrics = trainer.callback_metrics
     rows = [(name, _format(metrics.get(name))) for name in _SUMMARY_METRICS]
-    window = metrics.get("train/accumulate_grad_batches")
-    if window is None and any(type(cb).__name__ == "AdaptiveGradAccumulation" for cb in trainer.callbacks):
-        window = trainer.accumulate_grad_batches
-    rows.append(("accumulation window", _format(int(window) if window is not None else None)))
+    accumulation = next((cb for cb in trainer.callbacks if isinstance(cb, AdaptiveGradAccumulation)), None)
+    if accumulation is not None:
+        # The callback, not the Trainer: it puts accumulate_grad_batches back to 1 after fit.
+        steps = accumulation.summary()
+        taken, plain = steps["optimizer_steps"], steps["plain_optimizer_steps"]
+        saved = f" ({100.0 * (1 - taken / plain):.0f}% fewer)" if plain else ""
+        rows.append(("accumulation window", str(accumulation.accumulate_grad_batches)))
+        rows.append(("optimizer steps", f"{taken} for {plain} batches{saved}"))
+    else:
+        rows += [("accumulation window", "n/a"), ("optimizer steps", "n/a")]
     rows.extend((name, _format(metrics.get(name))) for name in _CORRELATION_METRICS)
     csv_path = next(
         (Path(lg.experiment.metrics_file_path) for lg in trainer.loggers if isinstance(lg, CSVLogger)), None
     )
     rows.append(("metrics CSV", str(csv_path) if csv_path is not None else "n/a"))
     figure = next(
-        (getattr(cb, "figure_path", None) for cb in trainer.callbacks if getattr(cb, "figure_path", None)), None
+        (cb.figure_path for cb in trainer.callbacks if isinstance(cb, LossAccuracyCorrelation) and cb.figure_path),
+        None,
     )
     rows.append(("figure", str(figure) if figure else "n/a"))
     checkpoint = trainer.checkpoint_callback

@@ -93,7 +93,9 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         self.pooling = pooling
         self.encoder: nn.Module | None = None
         if backbone:
-            self.encoder = load_pretrained_encoder(backbone)
+            # from_pretrained returns the model in eval mode; Lightning keeps each module's mode,
+            # so without this the encoder's dropout would stay off during fine-tuning.
+            self.encoder = load_pretrained_encoder(backbone).train()
             width = int(self.encoder.config.hidden_size)
             table = int(getattr(self.encoder.config, "vocab_size", 0) or 0)
             if vocab_size is not None and table and vocab_size > table:
