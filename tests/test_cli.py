@@ -123,11 +123,15 @@ def test_delta_outside_unit_interval_fails_clearly(tmp_path, capsys):
     assert "Traceback" not in err and "Union" not in err
 
 
-def test_missing_data_file_fails_clearly(capsys):
+def test_bad_data_files_fail_clearly(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ASSoftmaxCLI(args=["fit", "--data=TextFile", "--data.train_file=missing.csv"])
     assert exit_info.value.code == 2
-    assert "text file 'missing.csv' does not exist" in capsys.readouterr().err
+    assert "error: FileNotFoundError: text file 'missing.csv' does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", label: "y"}\n')
+    with pytest.raises(SystemExit):
+        ASSoftmaxCLI(args=["fit", "--data=TextFile", "--data.train_file=bad.jsonl"])
+    assert "error: ValueError: bad.jsonl:2: not valid JSON" in capsys.readouterr().err
 
 
 def test_sizes_are_linked_from_the_datamodule():

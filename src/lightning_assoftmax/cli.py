@@ -78,15 +78,23 @@ def init_parameter_names(cls: type) -> set[str]:
     return names
 
 
-def _innermost(error: BaseException) -> BaseException:
-    """The original exception under jsonargparse's wrapping (it re-raises inside ``except``)."""
-    seen = {id(error)}
-    while True:
-        inner = error.__cause__ or error.__context__
-        if inner is None or id(inner) in seen:
-            return error
-        seen.add(id(inner))
-        error = inner
+def _raised_by_jsonargparse(error: BaseException) -> bool:
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The error a model or datamodule raised, under jsonargparse's re-raising wrappers."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if not _raised_by_jsonargparse(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return error
 
 
 class ASSoftmaxCLI(LightningCLI):
@@ -115,7 +123,7 @@ class ASSoftmaxCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except _CONFIG_ERRORS as error:
-            inner = _innermost(error)
+            inner = _unwrap(error)
             if not isinstance(inner, _CONFIG_ERRORS):
                 raise
             self._parser(self.subcommand).error(f"{type(inner).__name__}: {inner}")
