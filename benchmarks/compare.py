@@ -1,0 +1,530 @@
+"""The paper's comparison on real data: every softmax-family loss trained on BBC News.
+
+Trains the ready-made ``TextClassifier`` (bag of MiniLM word embeddings + MLP, the model of
+``examples/bbc_news.yaml``) on the ``BBCNews`` datamodule once per loss of ``build_loss`` and seed,
+plus AS-Softmax with ``AdaptiveGradAccumulation`` (AS-Speed), every run with
+``LossAccuracyCorrelation``. The datamodule is set up once (one tokenization) and shared; the runs
+are interleaved (seed by seed, the order of the configurations rotated per seed) so that changes
+in machine load hit every row alike. Prints one progress line per run and a markdown table:
+
+* validation accuracy: the best over the validation runs of a fit (twice per epoch), the
+  checkpoint-selection value; test accuracy and macro-F1 (torchmetrics) of that best checkpoint;
+  mean and standard deviation over seeds, in %;
+* Pearson correlation, over the validation runs of a fit, of the validation loss (the loss trained
+  on) with validation accuracy (``LossAccuracyCorrelation``), the same over the validation runs
+  after the first epoch (the early runs, high loss and low accuracy, otherwise dominate), and of
+  the plain cross entropy of the same logits with accuracy (mean and std over seeds; near -1: the
+  loss tracks accuracy);
+* optimizer steps; wall-clock from the start of training to the end of the validation run that
+  first reached the best accuracy, and of the whole fit (training and validation runs); each
+  as a ratio to softmax's of the same seed (median over seeds).
+
+``sparse_softmax`` keeps the ``--sparse-k`` (default 3) largest of BBC News' 5 logits;
+``t_softmax`` uses temperature 2, ``label_smoothing`` 0.1, ``am_softmax`` scale 30 and margin
+0.35 with the model's cosine head, ``as_softmax`` delta 0.1 (the library defaults).
+
+    python benchmarks/compare.py                    # 9 configurations x 3 seeds x 6 epochs, ~10 min
+    python benchmarks/compare.py --out runs/compare # + results.md, results.json, results.png
+    python benchmarks/compare.py --quick            # 1/10 of the articles, 1 seed, 1 epoch: a smoke run
+    python benchmarks/compare.py --backbone --seeds 1 --losses softmax,as_softmax,as_speed
+
+``--backbone`` fine-tunes the bundled offline MiniLM encoder (``sentence-transformers/
+all-MiniLM-L6-v2``, 6 layers, 128 tokens, batch 16, lr 1e-4, 1 epoch by default) instead: a few
+minutes per run on a CPU. Timings depend on what else runs on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import Subset
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+from torchmetrics.functional.regression import pearson_corrcoef
+
+from lightning_assoftmax import AdaptiveGradAccumulation, LossAccuracyCorrelation
+from lightning_assoftmax.data import BBCNews
+from lightning_assoftmax.family import LOSS_NAMES
+from lightning_assoftmax.models import TextClassifier
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+AS_SPEED = "as_speed"
+BASELINE = "softmax"
+CONFIG_NAMES: tuple[str, ...] = (*LOSS_NAMES, AS_SPEED)
+# --quick keeps every n-th article of each split (the splits are in class order, so the subsets
+# keep every class): 156 / 84 / 84 articles.
+QUICK_STRIDE = {"train": 10, "val": 4, "test": 4}
+
+
+def config_spec(name: str, sparse_k: int) -> dict[str, Any]:
+    """Loss name, its keywords and whether AS-Speed is on, for a configuration name."""
+    if name == AS_SPEED:
+        return {
+            "label": "as_softmax + AdaptiveGradAccumulation",
+            "loss": "as_softmax",
+            "loss_kwargs": {},
+            "adaptive": True,
+        }
+    kwargs = {"k": sparse_k} if name == "sparse_softmax" else {}
+    label = f"sparse_softmax (k={sparse_k})" if name == "sparse_softmax" else name
+    return {"label": label, "loss": name, "loss_kwargs": kwargs, "adaptive": False}
+
+
+class RunRecorder(L.Callback):
+    """Wall-clock and CPU time of a fit, the validation accuracy after each validation run, and
+    the weights of the best one (kept in memory, for the test evaluation)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.points: list[dict[str, float]] = []
+        self.best_acc = -math.inf
+        self.best_state: dict[str, Tensor] | None = None
+        self.train_s = math.nan
+        self.train_cpu_s = math.nan
+        self._start = (0.0, 0.0)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        acc = float(trainer.callback_metrics["val/acc"])
+        self.points.append(
+            {
+                "epoch": self.batches / trainer.num_training_batches,
+                "acc": acc,
+                "loss": float(trainer.callback_metrics["val/loss"]),
+                "ce_loss": float(trainer.callback_metrics["val/ce_loss"]),
+                "seconds": time.perf_counter() - self._start[0],
+            }
+        )
+        if acc > self.best_acc:
+            self.best_acc = acc
+            self.best_state = copy.deepcopy(pl_module.state_dict())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_s = time.perf_counter() - self._start[0]
+        self.train_cpu_s = time.process_time() - self._start[1]
+
+    @property
+    def best_point(self) -> dict[str, float]:
+        """The first validation run that reached the best accuracy."""
+        return next(p for p in self.points if p["acc"] == self.best_acc)
+
+
+def late_pearson(points: list[dict[str, float]], after_epoch: float = 1.0) -> float:
+    """Pearson(validation loss, accuracy) over the validation runs after ``after_epoch`` epochs.
+
+    Over a whole fit the first validation runs (high loss, low accuracy) dominate the
+    correlation; this asks whether the loss still tracks accuracy once training has settled.
+    """
+    late = [p for p in points if p["epoch"] > after_epoch + 1e-9]
+    if len(late) < 3:
+        return math.nan
+    loss = torch.tensor([p["loss"] for p in late], dtype=torch.float64)
+    acc = torch.tensor([p["acc"] for p in late], dtype=torch.float64)
+    if not (torch.isfinite(loss).all() and loss.std() > 0 and acc.std() > 0):
+        return math.nan
+    return float(pearson_corrcoef(loss, acc))
+
+
+@torch.no_grad()
+def predict(model: TextClassifier, loader) -> tuple[Tensor, Tensor]:
+    """Predicted and true classes (N) of every batch of ``loader``."""
+    model.eval()
+    predictions, labels = [], []
+    for batch in loader:
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        predictions.append(model(batch["input_ids"], batch["attention_mask"]).argmax(dim=-1).cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(predictions), torch.cat(labels)
+
+
+def build_model(spec: dict[str, Any], data: BBCNews, args: argparse.Namespace) -> TextClassifier:
+    common = {
+        "num_classes": data.num_classes,
+        "vocab_size": data.vocab_size,
+        "loss": spec["loss"],
+        "loss_kwargs": spec["loss_kwargs"],
+        "delta": args.delta,
+    }
+    if args.backbone:
+        return TextClassifier(backbone=MINILM, hidden_dim=0, pooling="mean", lr=1e-4, **common)
+    return TextClassifier(embeddings=MINILM, hidden_dim=128, lr=3e-3, **common)
+
+
+def run_once(name: str, seed: int, data: BBCNews, args: argparse.Namespace) -> dict[str, Any]:
+    """Fits one configuration with one seed; the per-run record of ``results.json``."""
+    spec = config_spec(name, args.sparse_k)
+    L.seed_everything(seed, verbose=False)
+    model = build_model(spec, data, args)
+    recorder = RunRecorder()
+    correlation = LossAccuracyCorrelation(save_figure=False)
+    callbacks: list[L.Callback] = [recorder, correlation]
+    if spec["adaptive"]:
+        callbacks.append(AdaptiveGradAccumulation(lam=1.0, max_steps=2))
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        val_check_interval=1.0 / args.val_per_epoch,
+        num_sanity_val_steps=0,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(model, datamodule=data)
+    model.load_state_dict(recorder.best_state)
+    predictions, labels = predict(model, data.test_dataloader())
+    best = recorder.best_point
+    correlations = correlation.correlations
+    return {
+        "config": name,
+        "label": spec["label"],
+        "loss": spec["loss"],
+        "loss_kwargs": spec["loss_kwargs"],
+        "adaptive_grad_accumulation": spec["adaptive"],
+        "seed": seed,
+        "best_val_acc": recorder.best_acc,
+        "best_val_epoch": best["epoch"],
+        "seconds_to_best_val_acc": best["seconds"],
+        "train_seconds": recorder.train_s,
+        "train_cpu_seconds": recorder.train_cpu_s,
+        "optimizer_steps": int(trainer.global_step),
+        "train_batches": recorder.batches,
+        "test_acc": float(
+            multiclass_accuracy(predictions, labels, data.num_classes, average="micro")
+        ),
+        "test_macro_f1": float(
+            multiclass_f1_score(predictions, labels, data.num_classes, average="macro")
+        ),
+        "pearson_val_loss_acc": correlations.get("val/loss_acc_pearson", math.nan),
+        "pearson_val_loss_acc_after_epoch_1": late_pearson(recorder.points),
+        "pearson_val_ce_loss_acc": correlations.get("val/ce_loss_acc_pearson", math.nan),
+        "spearman_val_loss_acc": correlations.get("val/loss_acc_spearman", math.nan),
+        "spearman_val_ce_loss_acc": correlations.get("val/ce_loss_acc_spearman", math.nan),
+        "validation_runs": recorder.points,
+        "test_predictions": predictions.tolist(),
+        "test_labels": labels.tolist(),
+    }
+
+
+# -- aggregation and output --------------------------------------------------------------------
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (NaN where undefined)."""
+    kept = _finite(values)
+    mean = statistics.fmean(kept) if kept else math.nan
+    std = statistics.stdev(kept) if len(kept) >= 2 else math.nan
+    return mean, std
+
+
+def paired_ratio(runs: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str) -> float:
+    """Median over seeds of ``run[key] / baseline run[key]`` (same seed)."""
+    by_seed = {run["seed"]: run[key] for run in baseline}
+    ratios = [run[key] / by_seed[run["seed"]] for run in runs if by_seed.get(run["seed"], 0) > 0]
+    return statistics.median(ratios) if ratios else math.nan
+
+
+def summarize(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """One row per configuration: means, standard deviations and ratios to softmax."""
+    baseline = [r for r in runs if r["config"] == BASELINE]
+    rows = []
+    for name in order:
+        mine = [r for r in runs if r["config"] == name]
+        row: dict[str, Any] = {"config": name, "label": mine[0]["label"], "seeds": len(mine)}
+        for key in (
+            "best_val_acc",
+            "test_acc",
+            "test_macro_f1",
+            "pearson_val_loss_acc",
+            "pearson_val_loss_acc_after_epoch_1",
+            "pearson_val_ce_loss_acc",
+        ):
+            row[key], row[f"{key}_std"] = mean_std([r[key] for r in mine])
+        for key in (
+            "optimizer_steps",
+            "train_batches",
+            "seconds_to_best_val_acc",
+            "train_seconds",
+            "train_cpu_seconds",
+        ):
+            row[key] = statistics.fmean(r[key] for r in mine)
+        for key in ("seconds_to_best_val_acc", "train_seconds", "train_cpu_seconds"):
+            row[f"{key}_vs_softmax"] = paired_ratio(mine, baseline, key) if baseline else math.nan
+        rows.append(row)
+    return rows
+
+
+def _percent(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if math.isfinite(std) else "")
+
+
+def _signed(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:+.2f}" + (f" ± {std:.2f}" if math.isfinite(std) else "")
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}x" if math.isfinite(value) else "n/a"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| loss | val acc % | test acc % | test macro-F1 % | Pearson(val loss, val acc) "
+        "| same, after epoch 1 | Pearson(val CE, val acc) | optimizer steps | s to best val acc | vs softmax | train s | vs softmax |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['label']} | {_percent(row['best_val_acc'], row['best_val_acc_std'])} "
+            f"| {_percent(row['test_acc'], row['test_acc_std'])} "
+            f"| {_percent(row['test_macro_f1'], row['test_macro_f1_std'])} "
+            f"| {_signed(row['pearson_val_loss_acc'], row['pearson_val_loss_acc_std'])} "
+            f"| {_signed(row['pearson_val_loss_acc_after_epoch_1'], row['pearson_val_loss_acc_after_epoch_1_std'])} "
+            f"| {_signed(row['pearson_val_ce_loss_acc'], row['pearson_val_ce_loss_acc_std'])} "
+            f"| {row['optimizer_steps']:.0f} | {row['seconds_to_best_val_acc']:.1f} "
+            f"| {_ratio(row['seconds_to_best_val_acc_vs_softmax'])} | {row['train_seconds']:.1f} "
+            f"| {_ratio(row['train_seconds_vs_softmax'])} |"
+        )
+    return "\n".join(lines)
+
+
+def describe(args: argparse.Namespace, data: BBCNews) -> str:
+    if args.backbone:
+        model = f"TextClassifier(backbone={MINILM}, mean pooling, linear head), lr 1e-4"
+    else:
+        model = f"TextClassifier(embeddings={MINILM}, hidden_dim=128), lr 3e-3"
+    sizes = " / ".join(str(len(data.datasets[s])) for s in ("train", "val", "test"))
+    quick = " (--quick subsets)" if args.quick else ""
+    return (
+        f"BBC News ({sizes} articles{quick}, max_length {args.max_length}, batch {args.batch_size}), {model}, "
+        f"AdamW, {args.epochs} epoch(s), {args.val_per_epoch} validation runs per epoch, "
+        f"seeds {args.seed_list}, torch threads {torch.get_num_threads()}"
+    )
+
+
+def write_figure(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path) -> bool:
+    """Accuracy bars (mean ± std over seeds) and mean validation-accuracy curves; False without
+    matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    figure = Figure(figsize=(13, 4.8), layout="constrained")
+    bars, curves = figure.subplots(1, 2, width_ratios=(3, 2))
+    positions = range(len(rows))
+    width = 0.4
+    for offset, key, label in (
+        (-width / 2, "best_val_acc", "validation (best)"),
+        (width / 2, "test_acc", "test"),
+    ):
+        means = [100 * r[key] for r in rows]
+        stds = [100 * r[f"{key}_std"] if math.isfinite(r[f"{key}_std"]) else 0.0 for r in rows]
+        bars.bar([p + offset for p in positions], means, width, yerr=stds, capsize=3, label=label)
+    bars.set_xticks(
+        list(positions),
+        [r["label"].replace(" + ", "\n+ ") for r in rows],
+        rotation=30,
+        ha="right",
+        fontsize=8,
+    )
+    low = min(100 * min(r["best_val_acc"], r["test_acc"]) for r in rows)
+    bars.set_ylim(max(0.0, low - 3.0), 100.0)
+    bars.set_ylabel("accuracy % (mean ± std over seeds)")
+    bars.legend(loc="lower right")
+    for row in rows:
+        mine = [r["validation_runs"] for r in runs if r["config"] == row["config"]]
+        length = min(len(points) for points in mine)
+        epochs = [mine[0][i]["epoch"] for i in range(length)]
+        accs = [100 * statistics.fmean(points[i]["acc"] for points in mine) for i in range(length)]
+        curves.plot(epochs, accs, marker=".", label=row["label"])
+    settled = [100 * p["acc"] for run in runs for p in run["validation_runs"] if p["epoch"] >= 1.0]
+    if settled:  # the first validation runs lie far below; keep the plateau readable
+        curves.set_ylim(bottom=min(settled) - 2.0)
+        curves.set_title("from epoch 1 on (earlier runs are lower)", fontsize=9)
+    curves.set_xlabel("epoch")
+    curves.set_ylabel("validation accuracy % (mean over seeds)")
+    curves.legend(fontsize=7)
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (0, 1, ...)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="default: 6 (bag model), 1 (--backbone)"
+    )
+    parser.add_argument(
+        "--losses",
+        default=",".join(CONFIG_NAMES),
+        help=f"comma-separated configurations among {', '.join(CONFIG_NAMES)} "
+        f"({AS_SPEED}: as_softmax with AdaptiveGradAccumulation)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: a tiny subset of the articles, 1 seed, 1 epoch",
+    )
+    parser.add_argument(
+        "--backbone", action="store_true", help=f"fine-tune the bundled {MINILM} encoder"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for results.md, results.json, results.png"
+    )
+    parser.add_argument(
+        "--sparse-k", type=int, default=3, help="k of sparse_softmax (BBC News has 5 classes)"
+    )
+    parser.add_argument("--delta", type=float, default=0.1, help="AS-Softmax delta")
+    parser.add_argument("--val-per-epoch", type=int, default=2, help="validation runs per epoch")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: steadiest on a shared machine)",
+    )
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.losses.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIG_NAMES]
+    if unknown or not names:
+        parser.error(
+            f"--losses: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(CONFIG_NAMES)}"
+        )
+    names = list(dict.fromkeys(names))
+    if args.quick:
+        args.seeds, args.epochs, args.val_per_epoch = 1, 1, 3
+    if args.epochs is None:
+        args.epochs = 1 if args.backbone else 6
+    for option in ("seeds", "epochs", "val_per_epoch", "sparse_k", "threads"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    # With two threads on two shared cores every op waits for the slower thread: one thread was
+    # about 3x faster per step here while another process was running.
+    torch.set_num_threads(args.threads)
+    args.seed_list = list(range(args.seeds))
+    args.batch_size, args.max_length = (16, 128) if args.backbone else (32, 512)
+
+    started = time.perf_counter()
+    # One datamodule for every run: tokenization (cached on disk) and the split happen once.
+    data = BBCNews(batch_size=args.batch_size, max_length=args.max_length, tokenizer=MINILM, seed=0)
+    data.prepare_data()
+    data.setup("fit")
+    if args.quick:
+        for split, stride in QUICK_STRIDE.items():
+            data.datasets[split] = Subset(
+                data.datasets[split], range(0, len(data.datasets[split]), stride)
+            )
+    print(describe(args, data), flush=True)
+
+    runs: list[dict[str, Any]] = []
+    total = len(names) * args.seeds
+    for seed in args.seed_list:
+        # Rotate the order per seed so that load drifts do not always hit the same configuration.
+        shift = seed % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = run_once(name, seed, data, args)
+            runs.append(run)
+            print(
+                f"[{len(runs):2d}/{total}] seed {seed} {run['label']}: best val acc {100 * run['best_val_acc']:.2f}% "
+                f"at epoch {run['best_val_epoch']:.1f} ({run['seconds_to_best_val_acc']:.1f} s), "
+                f"test acc {100 * run['test_acc']:.2f}%, macro-F1 {100 * run['test_macro_f1']:.2f}%, "
+                f"Pearson {_signed(run['pearson_val_loss_acc'], math.nan)}, "
+                f"{run['optimizer_steps']} steps, train {run['train_seconds']:.1f} s",
+                flush=True,
+            )
+    elapsed = time.perf_counter() - started
+
+    rows = summarize(runs, names)
+    command = (
+        "python benchmarks/compare.py"
+        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    )
+    table = markdown_table(rows)
+    footer = f"{len(runs)} runs in {elapsed / 60:.1f} min (setup included)."
+    as_speed = next((r for r in rows if r["config"] == AS_SPEED), None)
+    if as_speed is not None and BASELINE in names:
+        footer += (
+            f" AS-Speed vs softmax (median over seeds): time to best val acc "
+            f"{_ratio(as_speed['seconds_to_best_val_acc_vs_softmax'])}, training time "
+            f"{_ratio(as_speed['train_seconds_vs_softmax'])}, CPU time {_ratio(as_speed['train_cpu_seconds_vs_softmax'])}."
+        )
+    report = f"{describe(args, data)}\n\n{table}\n\n{footer}\n"
+    print()
+    print(report, end="", flush=True)
+
+    results = {
+        "command": command,
+        "settings": {
+            "configs": names,
+            "seeds": args.seed_list,
+            "epochs": args.epochs,
+            "val_per_epoch": args.val_per_epoch,
+            "backbone": args.backbone,
+            "quick": args.quick,
+            "sparse_k": args.sparse_k,
+            "delta": args.delta,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "elapsed_seconds": elapsed,
+        "description": describe(args, data),
+        "table": table,
+        "summary": rows,
+        "runs": runs,
+    }
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text(f"`{command}`\n\n{report}")
+        (args.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
+        drawn = write_figure(rows, runs, args.out / "results.png")
+        results["figure"] = str(args.out / "results.png") if drawn else None
+        written = "results.md, results.json" + (
+            ", results.png" if drawn else " (no matplotlib: no figure)"
+        )
+        print(f"written to {args.out}: {written}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    # Lightning suggests workers for in-memory data, where they would only cost time.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    main()
