@@ -172,16 +172,15 @@ def assert_rows_equal(got: list[dict[str, float]], want: list[dict[str, float]])
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), f"row {i} (step {a['step']}): {key}"
 
 
-@pytest.mark.slow
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     full = run(tmp_path, "full", checkpoints=tmp_path / "full_checkpoints")
     first = run(tmp_path, "first", checkpoints=tmp_path / "checkpoints", interrupt_at=CHECKPOINT_STEP)
     (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
-    # Different initial weights and seed: whatever matches must come from the checkpoint.
     saved = torch.load(ckpt, weights_only=False)
-    # Its own checkpoint folder: after a mid-epoch resume Lightning's ModelCheckpoint saves again at
-    # the resume step (it does not restore the step it last saved at), here inside a window, and
-    # would replace the file resumed from.
+    # Different initial weights and seed: whatever matches must come from the checkpoint. Its own
+    # checkpoint folder: after a mid-epoch resume Lightning's ModelCheckpoint saves again at the
+    # resume step (it does not restore the step it last saved at), here inside a window, and would
+    # replace the file resumed from.
     resumed = run(tmp_path, "resumed", checkpoints=tmp_path / "resumed_checkpoints", ckpt_path=ckpt, init_seed=123)
 
     # The interruption is meaningful: mid-epoch, between a decided and an applied window size,
@@ -233,6 +232,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     everything = before + after
     full_mean = sum(b["loss"] * b["n"] for b in everything) / sum(b["n"] for b in everything)
     assert full["rows"][i]["train/loss_epoch"] == pytest.approx(full_mean, rel=1e-5)
+    assert split_rows[i]["train/loss_epoch"] != pytest.approx(full_mean, rel=1e-3)
 
 
 # -- a checkpoint taken inside a window -----------------------------------------------------------
