@@ -32,7 +32,11 @@ class DigitsMLP(ASSoftmaxMixin, L.LightningModule):
         super().__init__(delta=delta)
         self.lr = lr
         self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+            nn.Linear(64, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 10),
         )
 
     def forward(self, x):
@@ -92,10 +96,16 @@ def digits_data(seed: int = 0):
 def run_once(config: Config, args: argparse.Namespace, seed: int) -> dict[str, float]:
     (x_train, y_train), (x_val, y_val) = digits_data()
     L.seed_everything(seed, verbose=False)
-    model = DigitsMLP(hidden=args.hidden, lr=args.lr, delta=args.delta if config.as_softmax else 1.0)
+    model = DigitsMLP(
+        hidden=args.hidden, lr=args.lr, delta=args.delta if config.as_softmax else 1.0
+    )
     timer = EpochTimer()
     callbacks: list[L.Callback] = [timer]
-    adaptive = AdaptiveGradAccumulation(lam=args.lam, max_steps=args.max_steps) if config.adaptive else None
+    adaptive = (
+        AdaptiveGradAccumulation(lam=args.lam, max_steps=args.max_steps)
+        if config.adaptive
+        else None
+    )
     if adaptive is not None:
         callbacks.append(adaptive)
     loader = DataLoader(
@@ -139,7 +149,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 keeps timings steady)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1 keeps timings steady)"
+    )
     parser.add_argument("--verbose", action="store_true", help="print every run's figures")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, 1 repeat")
     args = parser.parse_args(argv)
@@ -189,5 +201,7 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one summary line per fit otherwise
+    logging.getLogger("lightning.pytorch").setLevel(
+        logging.WARNING
+    )  # one summary line per fit otherwise
     main()

@@ -90,17 +90,17 @@ def check_class_target(logits: Tensor, target: Tensor, ignore_index: int, fn: st
         raise ValueError(f"{fn}: logits have 0 classes (shape {tuple(logits.shape)}).")
     if target.numel() == 0:
         return
-    valid = target != ignore_index
-    if bool(valid.any()):
-        values = target[valid]
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"{fn}: target contains class index {bad}, outside [0, {num_classes - 1}] for "
-                f"{num_classes} classes (ignore_index={ignore_index} marks positions to skip). "
-                "Check the label encoding or the size of the classifier head."
-            )
+    # Ignored positions read as class 0 (always in range): one fused min/max, no boolean indexing.
+    zero = torch.zeros((), dtype=target.dtype, device=target.device)
+    in_use = torch.where(target != ignore_index, target, zero)
+    low, high = (int(v) for v in torch.aminmax(in_use))
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{fn}: target contains class index {bad}, outside [0, {num_classes - 1}] for "
+            f"{num_classes} classes (ignore_index={ignore_index} marks positions to skip). "
+            "Check the label encoding or the size of the classifier head."
+        )
 
 
 def check_multilabel_target(logits: Tensor, target: Tensor, fn: str) -> None:
@@ -113,10 +113,36 @@ def check_multilabel_target(logits: Tensor, target: Tensor, fn: str) -> None:
             f"{tuple(logits.shape)} (one 0/1 entry per label; convert class indices with "
             "F.one_hot(target, num_classes).)"
         )
-    if target.numel() and not bool(((target == 0) | (target == 1)).all()):
-        bad = target[(target != 0) & (target != 1)].flatten()[0].item()
-        bad = f"{bad:.6g}" if isinstance(bad, float) else repr(bad)
+    if target.numel() and not _only_zeros_and_ones(target):
+        value = target[(target != 0) & (target != 1)].flatten()[0]
+        bad = _shortest_repr(value)
         raise ValueError(
             f"{fn}: multi-label target must contain only 0 and 1, found {bad}. "
             "Threshold soft labels first (e.g. `(target > 0.5).float()`)."
         )
+
+
+def _only_zeros_and_ones(target: Tensor) -> bool:
+    """Whether every entry is 0 or 1, without a full-size boolean temporary per comparison."""
+    if target.dtype == torch.bool:
+        return True
+    if not target.is_floating_point():
+        low, high = torch.aminmax(target.reshape(-1))
+        return bool(low >= 0) and bool(high <= 1)
+    # For floats, v * v == v exactly iff v is 0 or 1 (NaN never); pieces keep temporaries small.
+    for piece in target.reshape(-1).split(1 << 20):
+        if not torch.equal(piece * piece, piece):
+            return False
+    return True
+
+
+def _shortest_repr(value: Tensor) -> str:
+    """The shortest decimal that reads back as the same value in its dtype (0.7, 0.99999994)."""
+    number = value.item()
+    if not isinstance(number, float):
+        return repr(number)
+    for digits in range(1, 18):
+        text = f"{number:.{digits}g}"
+        if torch.tensor(float(text), dtype=value.dtype) == value:
+            return text
+    return repr(number)

@@ -20,6 +20,11 @@ from lightning_assoftmax.functional._checks import (
     check_multilabel_target,
     check_reduction,
 )
+from lightning_assoftmax.ops import (
+    compute_dtype,
+    multilabel_as_softmax_keep,
+    multilabel_as_softmax_rows_loss,
+)
 
 __all__ = [
     "multilabel_as_softmax_keep_mask",
@@ -37,39 +42,13 @@ def _as_rows(t: Tensor) -> Tensor:
     return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
-def _keep(scores: Tensor, positive: Tensor, delta: float) -> Tensor:
-    """Kept terms ``(M, C)`` for float scores and boolean positives (rows of NaN keep all)."""
-    if delta >= 1.0:
-        return torch.ones_like(positive)
-    with torch.no_grad():
-        p = torch.softmax(scores, dim=1)
-        negative = ~positive
-        has_pos = positive.any(dim=1, keepdim=True)
-        has_neg = negative.any(dim=1, keepdim=True)
-        min_pos = p.masked_fill(negative, float("inf")).amin(dim=1, keepdim=True)
-        max_neg = p.masked_fill(positive, float("-inf")).amax(dim=1, keepdim=True)
-        # Written as ~(gap > delta) so that NaN rows keep every term and the NaN surfaces.
-        keep_neg = ~((min_pos - p) > delta) | ~has_pos
-        keep_pos = ~((p - max_neg) > delta) | ~has_neg
-        return torch.where(positive, keep_pos, keep_neg)
-
-
-def _log1p_sum_exp(x: Tensor) -> Tensor:
-    """``log(1 + sum(exp(x), dim=1))`` for rows that may be all ``-inf`` (then exactly 0)."""
-    shift = x.detach().amax(dim=1, keepdim=True).clamp(min=0.0)
-    # shift is a constant of the expression, so detaching it leaves the gradient exact.
-    return (shift + torch.log(torch.exp(-shift) + torch.exp(x - shift).sum(dim=1, keepdim=True))).squeeze(1)
-
-
 def _row_losses(logits: Tensor, target: Tensor, delta: float) -> Tensor:
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    s = _as_rows(logits).to(compute)
-    positive = _as_rows(target) > 0.5
-    keep = _keep(s, positive, delta)
-    signed = torch.where(positive, -s, s)
-    neg_term = _log1p_sum_exp(signed.masked_fill(~(keep & ~positive), float("-inf")))
-    pos_term = _log1p_sum_exp(signed.masked_fill(~(keep & positive), float("-inf")))
-    return neg_term + pos_term
+    if logits.dim() == 1:
+        logits, target = logits.unsqueeze(0), target.unsqueeze(0)
+    if logits.numel() == 0:
+        # Stay attached to the graph: backward through an empty batch must work (zero gradient).
+        return logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
+    return multilabel_as_softmax_rows_loss(logits, target, delta)
 
 
 def multilabel_as_softmax_loss_and_stats(
@@ -85,7 +64,11 @@ def multilabel_as_softmax_loss_and_stats(
         masked = (rows.detach() == 0).sum()
         count = torch.tensor(rows.shape[0], device=rows.device)
     if reduction == "none":
-        out = rows.reshape(logits.shape[:1] + logits.shape[2:]) if logits.dim() > 1 else rows.reshape(())
+        out = (
+            rows.reshape(logits.shape[:1] + logits.shape[2:])
+            if logits.dim() > 1
+            else rows.reshape(())
+        )
     elif reduction == "sum":
         out = rows.sum()
     else:
@@ -124,8 +107,8 @@ def multilabel_as_softmax_keep_mask(logits: Tensor, target: Tensor, delta: float
     """Boolean mask of the kept loss terms, shaped like ``logits`` (no gradient)."""
     delta = check_delta(delta)
     check_multilabel_target(logits, target, "multilabel_as_softmax_keep_mask")
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    keep = _keep(_as_rows(logits).detach().to(compute), _as_rows(target) > 0.5, delta)
+    scores = _as_rows(logits).detach().to(compute_dtype(logits.dtype))
+    keep = multilabel_as_softmax_keep(scores, _as_rows(target) > 0.5, delta)
     if logits.dim() <= 2:
         return keep.reshape(logits.shape)
     return keep.reshape(logits.movedim(1, -1).shape).movedim(-1, 1)
@@ -134,5 +117,7 @@ def multilabel_as_softmax_keep_mask(logits: Tensor, target: Tensor, delta: float
 def multilabel_masked_sample_ratio(logits: Tensor, target: Tensor, delta: float = 0.1) -> Tensor:
     """Share of rows whose multi-label AS-Softmax loss is exactly zero (0 for an empty batch)."""
     with torch.no_grad():
-        _, masked, count = multilabel_as_softmax_loss_and_stats(logits, target, delta, reduction="sum")
+        _, masked, count = multilabel_as_softmax_loss_and_stats(
+            logits, target, delta, reduction="sum"
+        )
     return masked.float() / count.clamp(min=1).float()

@@ -3,13 +3,12 @@ r"""Single-label AS-Softmax: keep mask, loss and masked-sample ratio.
 For logits :math:`z`, target :math:`t` and :math:`p = \mathrm{softmax}(z)`, class :math:`i` is
 *kept* iff :math:`p_t - p_i \le \delta` (the target always is), and
 
-.. math:: \ell(z, t) = \log \sum_{i\ \mathrm{kept}} e^{z_i} - z_t .
+.. math:: \ell(z, t) = \log \sum_{i\ \mathrm{kept}} e^{z_i} - z_t
+          = \log \sum_{i\ \mathrm{kept}} p_i - \log p_t .
 
-With :math:`m = \max_i z_i` and :math:`e_i = e^{z_i - m}` the rule reads
-:math:`e_i \ge e_t - \delta \sum_j e_j`, so one exponent pass serves the decision, the kept mass
-and the gradient. The argmax class is always kept, hence :math:`\log\sum_{kept} e^{z_i} =
-m + \log \sum_{kept} e_i`; when only the target is kept, it is the argmax, the sum is exactly 1 and
-the loss is exactly 0 (and so is its gradient).
+When only the target is kept the loss is exactly 0 (and so is its gradient): a *masked sample*.
+The loss runs through the fused kernel in :mod:`lightning_assoftmax.ops` (one softmax per row
+gives the decision, the loss and the gradient); this module validates, reshapes and reduces.
 
 Everything here is pure PyTorch: no Lightning import.
 """
@@ -24,6 +23,7 @@ from lightning_assoftmax.functional._checks import (
     check_delta,
     check_reduction,
 )
+from lightning_assoftmax.ops import as_softmax_keep_threshold, as_softmax_rows_loss, compute_dtype
 
 __all__ = [
     "as_softmax_cross_entropy",
@@ -33,93 +33,17 @@ __all__ = [
 ]
 
 
-def _compute_dtype(logits: Tensor) -> torch.dtype:
-    # Decisions and reductions run in at least float32 (SPEC: half logits are accepted).
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _as_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """View ``(N, C, d1, ...)`` / ``(C,)`` logits as ``(M, C)`` rows and the target as ``(M,)``."""
+def _row_losses(
+    logits: Tensor, target: Tensor, delta: float, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """Per-element loss and validity, both flat ``(M,)``."""
     if logits.dim() == 1:
-        return logits.unsqueeze(0), target.reshape(1)
-    if logits.dim() == 2:
-        return logits, target
-    num_classes = logits.shape[1]
-    return logits.movedim(1, -1).reshape(-1, num_classes), target.reshape(-1)
-
-
-def _exp_and_keep(z: Tensor, safe_target: Tensor, delta: float) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Shared core of the mask and the loss for ``(M, C)`` rows in the compute dtype.
-
-    Returns ``(m, e, keep)`` with ``m`` the row max ``(M, 1)``, ``e = exp(z - m)`` and ``keep`` the
-    boolean kept set, or ``None`` for "keep everything" (``delta = 1``). Rows with NaN (or +inf)
-    logits keep everything so that the NaN reaches the loss instead of being hidden.
-    """
-    m = z.amax(dim=1, keepdim=True)  # amax propagates NaN
-    e = torch.exp(z - m)
-    if delta >= 1.0:
-        return m, e, None
-    e_t = e.gather(1, safe_target.unsqueeze(1))
-    cutoff = e_t - delta * e.sum(dim=1, keepdim=True)
-    # p_t - p_i <= delta  <=>  e_i >= e_t - delta * sum(e); written as ~(e < cutoff) so NaN keeps.
-    keep = ~(e < cutoff)
-    return m, e, keep
-
-
-def _rows_forward(
-    z: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row loss ``(M,)`` (compute dtype), validity ``(M,)`` and, if asked, d loss_row / d z."""
-    valid = target != ignore_index
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
-    zc = z.to(_compute_dtype(z))
-    m, e, keep = _exp_and_keep(zc, safe_target, delta)
-    e_kept = e if keep is None else e.masked_fill_(~keep, 0.0)
-    kept_mass = e_kept.sum(dim=1, keepdim=True)
-    z_t = zc.gather(1, safe_target.unsqueeze(1))
-    loss = (torch.log(kept_mass) + (m - z_t)).squeeze(1)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    grad = None
-    if need_grad:
-        # softmax over the kept set minus the one-hot target; masked classes get exactly 0.
-        grad = e_kept.div_(kept_mass)
-        grad.scatter_add_(1, safe_target.unsqueeze(1), torch.full_like(z_t, -1.0))
-        grad.masked_fill_(~valid.unsqueeze(1), 0.0)
-        grad = grad.to(z.dtype)
-    return loss, valid, grad
-
-
-class _ASSoftmaxCrossEntropy(torch.autograd.Function):
-    """Per-row AS-Softmax loss with the gradient formed in the forward pass.
-
-    Backward is a single broadcast multiply of the saved ``(M, C)`` gradient, so the saved memory
-    equals what ``F.cross_entropy`` keeps (its log-softmax output).
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor, target: Tensor, delta: float, ignore_index: int):
-        loss, valid, grad = _rows_forward(z, target, delta, ignore_index, need_grad=True)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(valid)
-        return loss, valid
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor, _grad_valid: Tensor | None):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype).unsqueeze(1), None, None, None
-
-
-def _row_losses(logits: Tensor, target: Tensor, delta: float, ignore_index: int) -> tuple[Tensor, Tensor]:
-    z, t = _as_rows(logits, target)
-    if z.shape[0] == 0:
+        logits, target = logits.unsqueeze(0), target.reshape(1)
+    if target.numel() == 0:
         # Stay attached to the graph: backward through an empty batch must work (zero gradient).
-        empty = z.to(_compute_dtype(z)).sum(dim=1)
-        return empty, torch.zeros(0, dtype=torch.bool, device=z.device)
-    if torch.is_grad_enabled() and z.requires_grad:
-        return _ASSoftmaxCrossEntropy.apply(z, t, delta, ignore_index)
-    loss, valid, _ = _rows_forward(z, t, delta, ignore_index, need_grad=False)
-    return loss, valid
+        empty = logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
+        return empty, torch.zeros(0, dtype=torch.bool, device=logits.device)
+    return as_softmax_rows_loss(logits, target, delta, ignore_index)
 
 
 def _reduce(loss_rows: Tensor, valid: Tensor, reduction: str, target_shape: torch.Size) -> Tensor:
@@ -207,20 +131,21 @@ def as_softmax_keep_mask(
     """
     delta = check_delta(delta)
     check_class_target(logits, target, ignore_index, "as_softmax_keep_mask")
-    z, t = _as_rows(logits, target)
+    if logits.dim() == 1:
+        z, t = logits.unsqueeze(0), target.reshape(1)
+    else:
+        z = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+        t = target.reshape(-1)
     with torch.no_grad():
         valid = t != ignore_index
         safe_target = torch.where(valid, t, torch.zeros_like(t))
-        _, _, keep = _exp_and_keep(z.to(_compute_dtype(z)), safe_target, delta)
-        if keep is None:
-            keep = torch.ones(z.shape, dtype=torch.bool, device=z.device)
-        keep &= valid.unsqueeze(1)
-    if logits.dim() == 1:
+        p = torch.softmax(z, dim=1, dtype=compute_dtype(z.dtype))
+        threshold = as_softmax_keep_threshold(p.gather(1, safe_target.unsqueeze(1)), delta)
+        # ~(p < threshold) rather than p >= threshold: rows with NaN keep everything.
+        keep = ~(p < threshold) & valid.unsqueeze(1)
+    if logits.dim() <= 2:
         return keep.reshape(logits.shape)
-    if logits.dim() == 2:
-        return keep
-    moved = logits.movedim(1, -1).shape
-    return keep.reshape(moved).movedim(-1, 1)
+    return keep.reshape(logits.movedim(1, -1).shape).movedim(-1, 1)
 
 
 def masked_sample_ratio(

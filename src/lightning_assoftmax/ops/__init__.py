@@ -1,0 +1,23 @@
+"""Fast paths behind :mod:`lightning_assoftmax.functional` (kernels apart from the public API).
+
+Each op takes already-validated tensors and returns per-sample losses with a hand-written
+backward; the public functions validate, reshape and reduce.
+"""
+
+from lightning_assoftmax.ops.multi_label import (
+    multilabel_as_softmax_keep,
+    multilabel_as_softmax_rows_loss,
+)
+from lightning_assoftmax.ops.single_label import (
+    as_softmax_keep_threshold,
+    as_softmax_rows_loss,
+    compute_dtype,
+)
+
+__all__ = [
+    "as_softmax_keep_threshold",
+    "as_softmax_rows_loss",
+    "compute_dtype",
+    "multilabel_as_softmax_keep",
+    "multilabel_as_softmax_rows_loss",
+]

@@ -1,0 +1,210 @@
+r"""Fused multi-label AS-Softmax: loss and gradient from one cache-blocked pass.
+
+Per row with scores :math:`s`, positives :math:`P`, negatives :math:`Q`, :math:`p = \mathrm{softmax}(s)`
+and :math:`\lambda = \log\sum_i e^{s_i}`: a negative is kept iff :math:`p_i \ge \min_P p - \delta`
+and a positive iff :math:`p_j \le \max_Q p + \delta` (all negatives when :math:`P` is empty, all
+positives when :math:`Q` is). Since :math:`e^{s_i} = p_i e^{\lambda}` and
+:math:`e^{-s_j} = e^{-\lambda} / p_j`, the kept sums :math:`A = \sum_{Q\ \mathrm{kept}} p_i` and
+:math:`B = \sum_{P\ \mathrm{kept}} 1/p_j` give
+
+.. math:: \ell = \mathrm{softplus}(\lambda + \log A) + \mathrm{softplus}(\log B - \lambda),
+
+with gradient :math:`p_i e^{\lambda - \ell_Q}` on kept negatives and
+:math:`-e^{-\lambda - \ell_P} / p_j` on kept positives, so the softmax that decides also yields the
+loss and the gradient, with no second exponential pass. Rows where that shortcut loses digits
+(a positive with :math:`p_j` near underflow, or :math:`\lambda` so large that kept negatives
+underflow) are recomputed exactly with per-group shifted exponentials.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_assoftmax.ops._blocks import BlockLayout, scale_rows, scratch
+from lightning_assoftmax.ops.single_label import compute_dtype
+
+__all__ = ["multilabel_as_softmax_keep", "multilabel_as_softmax_rows_loss"]
+
+
+def _cutoff_offsets(positives: Tensor, num_classes: int, delta: float) -> tuple[Tensor, Tensor]:
+    """The multi-label decision rule, as offsets to two per-row reductions of ``p = softmax(s)``.
+
+    With ``neg`` the 0/1 negative indicator, ``low = amin(p + neg) + low_offset`` and
+    ``high = amax(p * neg) + high_offset``; a negative is kept iff ``p >= low`` and a positive iff
+    ``p <= high``. For a row with positives the reductions are the min over positives and the max
+    over negatives, and the offsets are ``-delta`` and ``+delta`` (SPEC: ``min_P p - p_i <= delta``,
+    ``p_j - max_Q p <= delta``). A row without positives gets ``low <= 0`` (keep every negative),
+    one without negatives ``high >= 1`` (keep every positive). NaN rows get NaN cut-offs, which
+    callers treat as "keep". ``positives`` counts the positive labels of each row (float).
+    """
+    # Arithmetic on 0/1 indicators rather than selects: these run once per block.
+    has_pos = positives.clamp(max=1.0)
+    has_neg = positives.neg().add_(num_classes).clamp_(max=1.0)
+    low_offset = has_pos.mul(2.0 - delta).sub_(2.0)  # -delta, or -2
+    high_offset = has_neg.mul(delta - 1.0).add_(1.0)  # +delta, or 1
+    return low_offset, high_offset
+
+
+def multilabel_as_softmax_keep(scores: Tensor, positive: Tensor, delta: float) -> Tensor:
+    """Kept terms ``(M, C)`` for float ``scores`` rows and boolean ``positive`` (no gradient)."""
+    with torch.no_grad():
+        p = torch.softmax(scores, dim=1)
+        neg = (~positive).to(p.dtype)
+        low_offset, high_offset = _cutoff_offsets(
+            positive.sum(dim=1, keepdim=True).to(p.dtype), scores.shape[1], delta
+        )
+        low = (p + neg).amin(dim=1, keepdim=True) + low_offset
+        high = (p * neg).amax(dim=1, keepdim=True) + high_offset
+        # ~(p < low) rather than p >= low: NaN rows keep every term and the NaN surfaces.
+        return torch.where(positive, ~(p > high), ~(p < low))
+
+
+def _exact_rows(scores: Tensor, positive: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+    """Loss ``(R,)`` and gradient ``(R, C)`` of a few rows, each group with its own exp shift."""
+    keep = multilabel_as_softmax_keep(scores, positive, delta)
+    signed = torch.where(positive, -scores, scores)
+    loss = scores.new_zeros(scores.shape[0])
+    grad = torch.zeros_like(scores)
+    for group in (~positive, positive):
+        terms = signed.masked_fill(~(keep & group), float("-inf"))
+        shift = terms.amax(dim=1, keepdim=True).clamp(min=0.0)
+        exps = torch.exp(terms - shift)
+        denom = torch.exp(-shift) + exps.sum(dim=1, keepdim=True)
+        loss += (shift + torch.log(denom)).squeeze(1)
+        grad += exps / denom
+    return loss, torch.where(positive, -grad, grad)
+
+
+def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
+    """Per-row loss ``(M,)`` and, if asked, the gradient buffer in the block layout."""
+    layout = BlockLayout(logits)
+    cdtype = compute_dtype(logits.dtype)
+    device = logits.device
+    num_classes = layout.num_classes
+    target = layout.to_layout(target)
+    # Flat buffers viewed per row: the returned loss must not be a view (callers may modify it).
+    flat_loss = torch.empty(layout.num_rows, dtype=cdtype, device=device)
+    loss = flat_loss.view(layout.row_shape)
+    min_pos = torch.empty_like(loss)
+    log_sum = torch.empty_like(loss)
+    out = layout.new_out(logits.dtype) if need_grad else None
+    direct = out is not None and logits.dtype == cdtype and not layout.columns
+    one = torch.ones((), dtype=cdtype, device=device)
+    buffers: dict = {}
+    split = layout.split
+    outs = split(out) if out is not None else [None] * len(split(loss))
+    blocks = zip(
+        split(layout.z),
+        split(target),
+        outs,
+        split(loss),
+        split(min_pos),
+        split(log_sum),
+        strict=True,
+    )
+    for src, pos, out_block, loss_block, min_pos_block, lse_block in blocks:
+
+        def buf(name: str, like: Tensor = src) -> Tensor:
+            return scratch(buffers, name, like.shape, like, cdtype)
+
+        if layout.transposed or src.dtype != cdtype:  # several ops read it: convert once
+            src = buf("src").copy_(src)
+        # The target block is overwritten with 1/p below, so it is always a copy.
+        pos = buf("pos").copy_(pos)
+        low_offset, high_offset = _cutoff_offsets(pos.sum(1, keepdim=True), num_classes, delta)
+        neg = torch.sub(one, pos, out=buf("neg"))
+        p = torch.softmax(src, 1, dtype=cdtype, out=buf("p"))
+        # min over positives of p: negatives read as p + 1 >= 1. Also the denominator of 1/p.
+        shifted = torch.add(p, neg, out=buf("shifted"))
+        low = torch.amin(shifted, 1, keepdim=True, out=min_pos_block).add(low_offset)
+        neg_p = neg.mul_(p)
+        high = torch.amax(neg_p, 1, keepdim=True).add_(high_offset)
+        # log sum exp(s) = max s - log max p, as max p = 1 / sum exp(s - max s).
+        lse = torch.amax(src, 1, keepdim=True, out=lse_block)
+        lse.sub_(torch.amax(p, 1, keepdim=True).log_())
+        # Float masks keep the ops vectorised; NaN * 0 = NaN keeps NaN rows visible.
+        mask = buf("mask")
+        neg_p.mul_(torch.ge(p, low, out=mask))
+        inv_pos = pos.div_(shifted)  # 1/p on positives, 0 on negatives
+        inv_pos.mul_(torch.le(p, high, out=mask))
+        neg_mass = neg_p.sum(1, keepdim=True)
+        pos_mass = inv_pos.sum(1, keepdim=True)
+        # log(1 + e^lse A) and log(1 + e^-lse B): exactly 0 for empty sums. Rows with a large
+        # |lse| are recomputed below, so here neither exponential overflows.
+        exp_lse = lse.exp()
+        inv_exp_lse = exp_lse.reciprocal()
+        row_loss = torch.log1p(neg_mass * exp_lse, out=loss_block)
+        row_loss.add_((pos_mass * inv_exp_lse).log1p_())
+        if out is None:
+            continue
+        # Gradient e^s / (1 + e^lse A) = p / (e^-lse + A) on kept negatives, and
+        # -e^-s / (1 + e^-lse B) = -(1/p) / (e^lse + B) on kept positives.
+        neg_scale = inv_exp_lse.add_(neg_mass).reciprocal_()
+        pos_scale = exp_lse.add_(pos_mass).reciprocal_().neg_()
+        grad = out_block if direct else shifted
+        torch.mul(neg_p, neg_scale, out=grad)
+        grad.addcmul_(inv_pos, pos_scale)
+        if not direct:
+            out_block.copy_(grad)
+
+    loss = flat_loss
+    min_pos, log_sum = min_pos.reshape(-1), log_sum.reshape(-1)
+    # Where 1/p_j or e^{+-lse} would lose digits or overflow, recompute with shifted exponentials.
+    tiny = torch.finfo(cdtype).tiny ** 0.8
+    big = 0.68 * math.log(torch.finfo(cdtype).max)
+    lowest_pos = float(min_pos.amin())
+    largest_lse = float(log_sum.abs().amax())
+    largest_loss = float(loss.amax())
+    if lowest_pos < tiny or largest_lse > big or largest_loss == math.inf:
+        redo = (min_pos < tiny) | (log_sum.abs() > big) | (loss == math.inf)
+        idx = redo.nonzero().squeeze(1)
+        rows = layout.rows_of(layout.z, idx).to(cdtype)
+        positive = layout.rows_of(target, idx) > 0.5
+        row_loss, row_grad = _exact_rows(rows, positive, delta)
+        loss[idx] = row_loss
+        if out is not None:
+            layout.set_rows(out, idx, row_grad.to(out.dtype))
+    return loss, out, layout
+
+
+class _FusedMultiLabelASSoftmax(torch.autograd.Function):
+    """Per-row multi-label loss with the gradient prepared in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, delta: float):
+        loss, out, layout = _forward(logits, target, delta, True)
+        # A row with loss exactly 0 is a masked sample: its gradient is exactly 0, not round-off.
+        # (Saved as a mask, not the output itself, so callers may modify the loss in place.)
+        ctx.save_for_backward(out, loss != 0)
+        ctx.layout = layout
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        out, live = ctx.saved_tensors
+        layout = ctx.layout
+        scale = torch.where(live, grad_loss, 0.0).reshape(layout.row_shape)
+        grad = scale_rows(out, scale)
+        return layout.to_input_layout(grad), None, None
+
+
+def multilabel_as_softmax_rows_loss(logits: Tensor, target: Tensor, delta: float) -> Tensor:
+    """Per-row multi-label AS-Softmax loss ``(M,)`` for validated, non-empty inputs.
+
+    Args:
+        logits: ``(M, C)`` or ``(N, C, d1, ...)`` (labels second), any float dtype.
+        target: 0/1 labels of the same shape (float, integer or bool).
+        delta: margin in ``[0, 1]``.
+
+    Rows are ordered as ``logits.movedim(1, -1).reshape(-1, C)``. The loss is float64 for
+    float64 logits, else float32; the gradient comes in the logits' dtype.
+    """
+    if logits.requires_grad and torch.is_grad_enabled():
+        return _FusedMultiLabelASSoftmax.apply(logits, target, delta)
+    with torch.no_grad():
+        loss, _, _ = _forward(logits, target, delta, False)
+    return loss

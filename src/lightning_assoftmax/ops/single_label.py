@@ -1,0 +1,157 @@
+r"""Fused single-label AS-Softmax: loss, gradient and stats from one cache-blocked pass.
+
+For logits :math:`z` with target :math:`t` and :math:`p = \mathrm{softmax}(z)`, class :math:`i`
+is kept iff :math:`p_i \ge p_t - \delta` (the SPEC's :math:`p_t - p_i \le \delta`; the target
+always is). With the kept mass :math:`K = \sum_{i\ \mathrm{kept}} p_i`,
+
+.. math:: \ell = \log K - \log p_t, \qquad
+          \frac{\partial \ell}{\partial z_i} = [i\ \mathrm{kept}]\,\frac{p_i}{K} - [i = t].
+
+One softmax per row thus gives the decision, the loss and the gradient. The forward pass walks
+the logits in cache-sized blocks (:mod:`._blocks`), runs six vectorised ops on each and writes one
+buffer ``P`` (kept probabilities, :math:`p_t - K` at the target) plus ``1/K`` per row. Backward
+scales ``P`` by ``grad / K`` in place when autograd will not need it again, so a forward+backward
+allocates one ``(rows, C)`` tensor where ``F.cross_entropy`` allocates three.
+
+This is the eager path for every device; a device kernel (e.g. Triton for CUDA) would slot in at
+:func:`as_softmax_rows_loss` with the same contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_assoftmax.ops._blocks import BlockLayout, scale_rows, scratch
+
+__all__ = ["as_softmax_keep_threshold", "as_softmax_rows_loss", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Decisions and reductions run in at least float32 (half inputs are accepted)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def as_softmax_keep_threshold(p_target: Tensor, delta: float) -> Tensor:
+    """The kept-class cut-off on probabilities: class ``i`` is kept iff ``p_i >= p_t - delta``.
+
+    The one source of the decision rule, shared by the loss kernel and the keep mask.
+    """
+    return p_target - delta
+
+
+def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad: bool):
+    """Per-sample loss and validity and, if asked, the gradient buffer and ``1/K`` per sample."""
+    layout = BlockLayout(logits)
+    cdtype = compute_dtype(logits.dtype)
+    device = logits.device
+    flat_valid = target.reshape(-1) != ignore_index  # returned: a base tensor, not a view
+    target = target.reshape(layout.row_shape)
+    valid = flat_valid.view(layout.row_shape)
+    safe_target = torch.where(valid, target, 0)
+    # Ignored samples get an infinite cut-off: the mask zeroes them without a separate pass.
+    shift = torch.where(valid, delta, -math.inf)
+    if shift.dtype != cdtype:
+        shift = shift.to(cdtype)
+    p_target = torch.empty(layout.row_shape, dtype=cdtype, device=device)
+    kept_mass = torch.empty_like(p_target)
+
+    out = layout.new_out(logits.dtype) if need_grad else None
+    in_place = out is not None and logits.dtype == cdtype
+    buffers: dict = {}
+    split = layout.split
+    outs = split(out) if out is not None else [None] * len(split(p_target))
+    blocks = zip(
+        split(layout.z),
+        outs,
+        split(p_target),
+        split(kept_mass),
+        split(safe_target),
+        split(shift),
+        strict=True,
+    )
+    for src, out_block, pt, mass_block, target_block, shift_block in blocks:
+        direct = in_place and out_block.is_contiguous()
+        probs = out_block if direct else scratch(buffers, "p", src.shape, src, cdtype)
+        mask = scratch(buffers, "mask", src.shape, src, cdtype)
+        threshold = scratch(buffers, "thr", pt.shape, pt, cdtype)
+        torch.softmax(src, 1, dtype=cdtype, out=probs)
+        torch.gather(probs, 1, target_block, out=pt)
+        torch.sub(pt, shift_block, out=threshold)  # as_softmax_keep_threshold, in place
+        # A float mask keeps the ops vectorised, and NaN * 0 = NaN keeps NaN rows visible.
+        torch.ge(probs, threshold, out=mask)
+        probs.mul_(mask)
+        torch.sum(probs, 1, keepdim=True, out=mass_block)
+        if out_block is not None and not direct:
+            out_block.copy_(probs)
+
+    pt_flat, mass = p_target.reshape(-1), kept_mass.reshape(-1)
+    # loss = log K - log p_t, 0 at ignored samples (ratio 1; also keeps log off its slow path
+    # for 0). A masked sample has K == p_t bit for bit: its loss is exactly 0.
+    loss = torch.where(flat_valid, mass / pt_flat, 1.0).log_()
+    tiny = torch.finfo(cdtype).tiny ** 0.8
+    if float(pt_flat.amin()) < tiny:  # p_t lost digits to underflow: log p_t = z_t - logsumexp(z)
+        idx = (flat_valid & (pt_flat < tiny)).nonzero().squeeze(1)
+        z_t = layout.z.gather(1, safe_target).reshape(-1)[idx].to(cdtype)
+        rows = layout.rows_of(layout.z, idx).to(cdtype)
+        loss[idx] = mass[idx].log() - (z_t - torch.logsumexp(rows, dim=1))
+    if out is None:
+        return loss, flat_valid, None, None, layout
+
+    # Gradient at the target, p_t / K - 1, stored unscaled as p_t - K (exactly 0 when masked).
+    target_entry = torch.where(valid, p_target - kept_mass, 0.0).to(out.dtype)
+    if out.dtype in (torch.float16, torch.bfloat16):  # scatter_ is very slow for these on CPU
+        out.view(-1).index_put_((layout.flat_positions(safe_target),), target_entry.reshape(-1))
+    else:
+        out.scatter_(1, safe_target, target_entry)
+    if math.isnan(float(mass.sum())):  # an ignored sample holding NaN/inf still gets zero gradient
+        ignored_nan = ~flat_valid & mass.isnan()
+        if bool(ignored_nan.any()):
+            layout.set_rows(out, ignored_nan.nonzero().squeeze(1), 0.0)
+    # A sample with loss exactly 0 is masked: its gradient is exactly 0, not round-off. Ignored
+    # samples have loss 0 too.
+    inv_mass = torch.where(loss != 0, mass.reciprocal(), 0.0)
+    return loss, flat_valid, out, inv_mass, layout
+
+
+class _FusedASSoftmax(torch.autograd.Function):
+    """Per-sample loss with the gradient prepared in the forward pass; backward is one multiply."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, delta: float, ignore_index: int):
+        loss, valid, out, inv_mass, layout = _forward(logits, target, delta, ignore_index, True)
+        ctx.save_for_backward(out, inv_mass)
+        ctx.layout = layout
+        ctx.mark_non_differentiable(valid)
+        return loss, valid
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_valid: Tensor | None):
+        out, inv_mass = ctx.saved_tensors
+        layout = ctx.layout
+        scale = (grad_loss.to(inv_mass.dtype) * inv_mass).reshape(layout.row_shape)
+        grad = scale_rows(out, scale)
+        return layout.to_input_layout(grad), None, None, None
+
+
+def as_softmax_rows_loss(
+    logits: Tensor, target: Tensor, delta: float, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """Per-sample AS-Softmax loss ``(M,)`` and validity ``(M,)`` for validated, non-empty inputs.
+
+    Args:
+        logits: ``(M, C)`` or ``(N, C, d1, ...)`` (class dimension second), any float dtype.
+        target: class indices, ``(M,)`` or ``(N, d1, ...)``; ``ignore_index`` marks skipped ones.
+        delta: margin in ``[0, 1]``.
+
+    The loss is float64 for float64 logits, else float32, and 0 at ignored samples; its gradient
+    with respect to ``logits`` comes in the logits' dtype.
+    """
+    if logits.requires_grad and torch.is_grad_enabled():
+        return _FusedASSoftmax.apply(logits, target, delta, ignore_index)
+    with torch.no_grad():
+        loss, valid, _, _, _ = _forward(logits, target, delta, ignore_index, False)
+    return loss, valid
