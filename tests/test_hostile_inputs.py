@@ -94,6 +94,9 @@ def test_nan_rows_surface_and_are_never_masked(batch, col):
     _, masked, _ = as_softmax_loss_and_stats(logits, target, 0.1)
     _, masked_without, _ = as_softmax_loss_and_stats(logits[1:], target[1:], 0.1)
     assert masked.item() == masked_without.item()
+    # The NaN stays in its row: the other rows' losses are those of a batch without it.
+    alone = as_softmax_cross_entropy(logits[1:], target[1:], 0.1, reduction="none")
+    torch.testing.assert_close(loss[1:], alone, rtol=1e-6, atol=0.0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -178,6 +181,28 @@ def test_multilabel_nan_and_wrong_side_infinite_rows_surface_and_are_never_maske
     _, masked, count = multilabel_as_softmax_loss_and_stats(logits, labels, 0.1)
     _, masked_without, _ = multilabel_as_softmax_loss_and_stats(logits[1:], labels[1:], 0.1)
     assert masked.item() == masked_without.item() and count.item() == logits.shape[0]
+    alone = multilabel_as_softmax_loss(logits[1:], labels[1:], 0.1, reduction="none")
+    torch.testing.assert_close(loss[1:], alone, rtol=1e-6, atol=0.0)
+
+
+def test_a_nan_row_does_not_reach_rows_that_need_the_exact_path():
+    # Rows with a huge logit gap take an exact recomputation inside the loss; a NaN elsewhere in
+    # the batch once hid them from it, turning a finite loss into inf (single-label) or NaN
+    # (multi-label).
+    nan = float("nan")
+    logits = torch.tensor([[nan, 0.0], [1e4, -1e4]], requires_grad=True)
+    target = torch.tensor([0, 1])
+    loss = as_softmax_cross_entropy(logits, target, 0.1, reduction="none")
+    assert math.isnan(loss[0].item()) and loss[1].item() == 2e4  # logsumexp(z) - z_t
+    loss[1].backward()
+    torch.testing.assert_close(logits.grad[1], torch.tensor([1.0, -1.0]))
+    scores = torch.tensor([[nan], [1e4], [-1e4]], requires_grad=True)
+    labels = torch.tensor([[0], [1], [0]])
+    rows = multilabel_as_softmax_loss(scores, labels, 0.1, reduction="none")
+    assert math.isnan(rows[0].item()) and rows[1:].tolist() == [0.0, 0.0]  # log(1 + e^-1e4)
+    assert multilabel_as_softmax_loss_and_stats(scores, labels, 0.1)[1].item() == 2
+    rows[1:].sum().backward()
+    assert torch.equal(scores.grad[1:], torch.zeros(2, 1))
 
 
 # -- MaskedSampleRatio over hostile batch sequences -------------------------------------------------
