@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: TextClassifier on BBC News with AdaptiveGradAccumulation and LossAccuracyCorrelation.
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m lightning_assoftmax fit --config examples/bbc_news.yaml
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks

