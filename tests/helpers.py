@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from torch import nn
@@ -63,3 +65,45 @@ def trainer(**kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+class EpochSeededLoader:
+    """A resumable batch iterable: one fixed permutation per epoch, restartable mid-epoch.
+
+    Lightning calls ``sampler.set_epoch`` at every epoch start and saves ``state_dict`` in
+    checkpoints; sized iterables are not prefetched, so ``consumed`` is what the loop has taken.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True):
+        self.x, self.y, self.batch_size, self.seed, self.shuffle = x, y, batch_size, seed, shuffle
+        self.sampler = self
+        self.epoch = 0
+        self.consumed = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.x)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        else:
+            order = torch.arange(n)
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch and self._resume[1] < len(self):
+            start = self._resume[1]
+        self._resume = None
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            self.consumed = b + 1
+            yield self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (state["epoch"], state["consumed"])

@@ -205,6 +205,8 @@ def main(args: Any = None) -> None:
     """Console entry point (``lightning-assoftmax``, ``python -m lightning_assoftmax``)."""
     # The bundled datamodules hold their data in memory: worker processes would not speed them up.
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # Raised inside Lightning's own loops (torch pytree API change); nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     program = Path(sys.argv[0]).name
     prog = "python -m lightning_assoftmax" if program == "__main__.py" else program
     ASSoftmaxCLI(args=args, parser_kwargs={"prog": prog})

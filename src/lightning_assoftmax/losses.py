@@ -9,7 +9,7 @@ from lightning_assoftmax.functional import (
     as_softmax_loss_and_stats,
     multilabel_as_softmax_loss,
 )
-from lightning_assoftmax.functional._checks import check_delta, check_reduction
+from lightning_assoftmax.functional._checks import check_delta, check_ignore_index, check_reduction
 
 __all__ = ["ASSoftmaxLoss", "MultiLabelASSoftmaxLoss"]
 
@@ -38,7 +38,7 @@ class ASSoftmaxLoss(nn.Module):
     def __init__(self, delta: float = 0.1, ignore_index: int = -100, reduction: str = "mean") -> None:
         super().__init__()
         self.delta = check_delta(delta)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = check_reduction(reduction)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

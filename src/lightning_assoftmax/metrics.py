@@ -10,7 +10,7 @@ from lightning_assoftmax.functional import (
     as_softmax_loss_and_stats,
     multilabel_as_softmax_loss_and_stats,
 )
-from lightning_assoftmax.functional._checks import check_delta
+from lightning_assoftmax.functional._checks import check_delta, check_flag, check_ignore_index
 
 __all__ = ["MaskedSampleRatio", "WeightedMean"]
 
@@ -47,8 +47,10 @@ class MaskedSampleRatio(Metric):
     def __init__(self, delta: float = 0.1, ignore_index: int = -100, multilabel: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.delta = check_delta(delta)
-        self.ignore_index = int(ignore_index)
-        self.multilabel = bool(multilabel)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.multilabel = check_flag(
+            "multilabel", multilabel, " Use multilabel=True for 0/1 targets shaped like the logits."
+        )
         self.add_state("masked", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 

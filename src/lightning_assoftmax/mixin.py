@@ -15,7 +15,7 @@ from lightning_assoftmax.functional import (
     multilabel_as_softmax_loss,
     multilabel_as_softmax_loss_and_stats,
 )
-from lightning_assoftmax.functional._checks import check_delta
+from lightning_assoftmax.functional._checks import check_delta, check_flag, check_ignore_index
 from lightning_assoftmax.metrics import WeightedMean
 
 __all__ = ["ASSoftmaxMixin"]
@@ -106,8 +106,13 @@ class ASSoftmaxMixin:
         super().__init__(*args, **kwargs)
         self.as_softmax_target_delta = check_delta(delta)
         self.as_softmax_delta = self.as_softmax_target_delta
-        self.as_softmax_multilabel = bool(multilabel)
-        self.as_softmax_ignore_index = int(ignore_index)
+        self.as_softmax_multilabel = check_flag(
+            "multilabel",
+            multilabel,
+            " Use multilabel=True for 0/1 targets shaped like the logits, False (the default) for "
+            "class indices.",
+        )
+        self.as_softmax_ignore_index = check_ignore_index(ignore_index)
         self.as_softmax_loss_name = check_loss_name(loss)
         self.as_softmax_loss_kwargs = dict(loss_kwargs) if isinstance(loss_kwargs, Mapping) else {}
         self.as_softmax_criterion = self._as_softmax_build_criterion(loss, loss_kwargs)

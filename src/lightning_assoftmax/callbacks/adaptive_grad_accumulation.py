@@ -67,7 +67,8 @@ class AdaptiveGradAccumulation(Callback):
     mid-epoch at an optimizer step (``ModelCheckpoint(every_n_train_steps=...)``) when the data
     loader is resumable. Gradients are not part of a checkpoint: resuming from one taken in the
     middle of a window loses that window's first micro-batches, as with a fixed
-    ``accumulate_grad_batches``.
+    ``accumulate_grad_batches``; the resumed window's step is then the mean over the micro-batches
+    run after the resume, and a warning says so.
 
     Note:
         ``trainer.estimated_stepping_batches`` assumes a constant ``accumulate_grad_batches``.
@@ -181,6 +182,7 @@ class AdaptiveGradAccumulation(Callback):
         self._window_batches = 0
         self._window_counts = None
         self._logged_k = None
+        self._unsaved_batches = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._check_not_overridden(trainer)
@@ -196,10 +198,14 @@ class AdaptiveGradAccumulation(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
         self._stepped = True
-        in_window = self._batch_idx % self._k + 1
+        # Micro-batches whose gradients are in param.grad: a window resumed from a checkpoint
+        # taken inside it lacks the ones run before the checkpoint (checkpoints hold no gradients).
+        in_window = self._batch_idx % self._k + 1 - self._unsaved_batches
+        self._unsaved_batches = 0
         if in_window == self._k:
             return
-        # Short epoch tail: Lightning divided each of its m losses by k; make the step the mean over m.
+        # Short epoch tail (or resumed window): Lightning divided each of its m losses by k; make
+        # the step the mean over those m.
         factor = self._k / in_window
         with torch.no_grad():
             for group in optimizer.param_groups:
@@ -281,6 +287,15 @@ class AdaptiveGradAccumulation(Callback):
         self._window_batches = int(state_dict.get("window_batches", 0))
         counts = state_dict.get("window_counts", [0, 0, 0])
         self._window_counts = torch.tensor(counts, dtype=torch.long) if self._window_batches else None
+        self._unsaved_batches = self._window_batches
+        if self._window_batches:
+            rank_zero_warn(
+                f"AdaptiveGradAccumulation: this checkpoint was taken inside an accumulation window, after "
+                f"{self._window_batches} of its {self._k} micro-batches. Checkpoints hold no gradients, so the "
+                "resumed window's optimizer step is the mean over the micro-batches run after the resume "
+                "only. For an exact continuation, resume from a checkpoint taken at an optimizer step, e.g. "
+                "ModelCheckpoint(every_n_train_steps=...)."
+            )
         self._optimizer_steps = int(state_dict.get("optimizer_steps", 0))
         self._micro_batches = int(state_dict.get("micro_batches", 0))
         self._window_sizes = Counter({int(k): int(v) for k, v in state_dict.get("window_sizes", {}).items()})
@@ -303,6 +318,7 @@ class AdaptiveGradAccumulation(Callback):
         self._batch_idx = 0
         self._stepped = False
         self._window_batches = 0
+        self._unsaved_batches = 0
         self._window_counts: Tensor | None = None
         self._optimizer_steps = 0
         self._micro_batches = 0

@@ -40,8 +40,13 @@ class DeltaWarmup(Callback):
                 f"warmup_fraction must lie in [0, 1] (the share of training steps spent warming up), "
                 f"got {warmup_fraction!r}; use 0 for no warm-up."
             )
-        if isinstance(start_delta, bool) or not isinstance(start_delta, (int, float)) or not 0.0 <= start_delta <= 1.0:
-            raise ValueError(f"start_delta must lie in [0, 1], got {start_delta!r}.")
+        if isinstance(start_delta, bool) or not isinstance(start_delta, (int, float)):
+            raise TypeError(f"start_delta must be a number in [0, 1], got {start_delta!r}.")
+        if math.isnan(start_delta) or not 0.0 <= start_delta <= 1.0:
+            raise ValueError(
+                f"start_delta must lie in [0, 1] (the delta training starts from), got {start_delta!r}; "
+                "the default 1 starts as plain softmax cross entropy."
+            )
         self.warmup_fraction = float(warmup_fraction)
         self.start_delta = float(start_delta)
         self._warmup_steps = 0.0

@@ -17,6 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.functional.regression import pearson_corrcoef, spearman_corrcoef
 
+from lightning_assoftmax.functional._checks import check_flag
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -111,7 +113,9 @@ class LossAccuracyCorrelation(Callback):
         if ce_loss_key is not None:
             self.keys["ce_loss"] = ce_loss_key
         self.min_points = min_points
-        self.save_figure = bool(save_figure)
+        self.save_figure = check_flag(
+            "save_figure", save_figure, " Use save_figure=False to skip the figure at the end of training."
+        )
         self.figure_filename = figure_filename
         self.figure_path: str | None = None
         self._history: list[dict[str, float | int]] = []

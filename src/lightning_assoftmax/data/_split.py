@@ -5,9 +5,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
-__all__ = ["check_fractions", "random_split_indices", "stratified_split_indices"]
+__all__ = ["SplitDataModule", "check_fractions", "random_split_indices", "stratified_split_indices"]
+
+
+class SplitDataModule(L.LightningDataModule):
+    """A datamodule whose splits live in ``self.datasets`` (``"train"``, ``"val"``, ``"test"``,
+    optionally ``"predict"``); subclasses build one loader per split in ``_loader``."""
+
+    datasets: dict
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict" if "predict" in self.datasets else "test")
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:

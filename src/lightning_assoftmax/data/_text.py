@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_assoftmax._pretrained import BUNDLED_MINILM, load_tokenizer
+from lightning_assoftmax.data._split import SplitDataModule
 
 __all__ = ["EncodedTexts", "PadCollate", "TextTokenizer", "TokenizedTextDataModule", "default_cache_dir"]
 
@@ -149,7 +149,7 @@ class PadCollate:
         return batch
 
 
-class TokenizedTextDataModule(L.LightningDataModule):
+class TokenizedTextDataModule(SplitDataModule):
     """Shared plumbing of the text datamodules: tokenizer, cache, splits and dataloaders.
 
     Subclasses fill ``self.datasets`` (keys ``train``, ``val``, ``test``, ``predict``) in ``setup``.
@@ -212,15 +212,3 @@ class TokenizedTextDataModule(L.LightningDataModule):
             collate_fn=self._collate(),
             persistent_workers=self.num_workers > 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict" if "predict" in self.datasets else "test")

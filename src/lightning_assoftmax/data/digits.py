@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_assoftmax.data._split import check_fractions, stratified_split_indices
+from lightning_assoftmax.data._split import (
+    SplitDataModule,
+    check_fractions,
+    stratified_split_indices,
+)
 
 __all__ = ["Digits"]
 
 
-class Digits(L.LightningDataModule):
+class Digits(SplitDataModule):
     """A small offline image task: batches are ``(images, labels)``, images (N, 1, 8, 8) in [0, 1].
 
     The split is stratified by class and depends only on ``seed`` and the fractions.
@@ -62,15 +65,3 @@ class Digits(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"Digits has no {split!r} data" + (": call setup() first." if not self.datasets else "."))
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

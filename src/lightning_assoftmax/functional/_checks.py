@@ -27,6 +27,24 @@ def check_delta(delta: float) -> float:
     return delta
 
 
+def check_ignore_index(ignore_index: int) -> int:
+    """Return ``ignore_index`` if it is an int, else raise a ``TypeError`` that says what to pass."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(
+            f"ignore_index must be an int, the target value whose positions are skipped, got "
+            f"{ignore_index!r} of type {type(ignore_index).__name__}; the default is -100, as in "
+            "F.cross_entropy."
+        )
+    return ignore_index
+
+
+def check_flag(name: str, value: bool, hint: str = "") -> bool:
+    """Return ``value`` if it is a bool, else raise a ``TypeError`` naming ``name`` and the value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}.{hint}")
+    return value
+
+
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")

@@ -155,11 +155,10 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
     # Where 1/p_j or e^{+-lse} would lose digits or overflow, recompute with shifted exponentials.
     tiny = torch.finfo(cdtype).tiny ** 0.8
     big = 0.68 * math.log(torch.finfo(cdtype).max)
-    lowest_pos = float(min_pos.amin())
-    largest_lse = float(log_sum.abs().amax())
-    largest_loss = float(loss.amax())
-    if lowest_pos < tiny or largest_lse > big or largest_loss == math.inf:
-        redo = (min_pos < tiny) | (log_sum.abs() > big) | (loss == math.inf)
+    # A mask, not amin/amax over the batch: a NaN row would make those NaN and hide the other
+    # rows that need the exact path.
+    redo = (min_pos < tiny) | (log_sum.abs() > big) | (loss == math.inf)
+    if bool(redo.any()):
         idx = redo.nonzero().squeeze(1)
         rows = layout.rows_of(layout.z, idx).to(cdtype)
         positive = layout.rows_of(target, idx) > 0.5

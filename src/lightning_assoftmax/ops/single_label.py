@@ -92,8 +92,11 @@ def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, ne
     # for 0). A masked sample has K == p_t bit for bit: its loss is exactly 0.
     loss = torch.where(flat_valid, mass / pt_flat, 1.0).log_()
     tiny = torch.finfo(cdtype).tiny ** 0.8
-    if float(pt_flat.amin()) < tiny:  # p_t lost digits to underflow: log p_t = z_t - logsumexp(z)
-        idx = (flat_valid & (pt_flat < tiny)).nonzero().squeeze(1)
+    # p_t lost digits to underflow: log p_t = z_t - logsumexp(z). A mask, not pt_flat.amin(): a NaN
+    # row would make the minimum NaN and hide the other rows that need this.
+    underflow = flat_valid & (pt_flat < tiny)
+    if bool(underflow.any()):
+        idx = underflow.nonzero().squeeze(1)
         z_t = layout.z.gather(1, safe_target).reshape(-1)[idx].to(cdtype)
         rows = layout.rows_of(layout.z, idx).to(cdtype)
         loss[idx] = mass[idx].log() - (z_t - torch.logsumexp(rows, dim=1))
