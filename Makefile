@@ -27,6 +27,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+bench: $(STAMP)
+	$(PY) benchmarks/loss_speed.py
+	$(PY) benchmarks/as_speed.py
+	$(PY) benchmarks/compare.py --out runs/compare
+
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks
 
