@@ -17,6 +17,7 @@ from lightning_assoftmax.functional import (
 )
 from lightning_assoftmax.functional._checks import check_delta, check_flag, check_ignore_index
 from lightning_assoftmax.metrics import WeightedMean
+from lightning_assoftmax.ops import compute_dtype
 
 __all__ = ["ASSoftmaxMixin"]
 
@@ -216,8 +217,7 @@ class ASSoftmaxMixin:
             ce = multilabel_as_softmax_loss(logits, target, 1.0, reduction="sum")
             correct = ((logits > 0) == (target > 0.5)).float().mean(dim=1).sum()
             return ce, correct
-        compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        scores = self.as_softmax_criterion.predictive_logits(logits.to(compute))
+        scores = self.as_softmax_criterion.predictive_logits(logits.to(compute_dtype(logits.dtype)))
         ce = F.cross_entropy(scores, target, ignore_index=self.as_softmax_ignore_index, reduction="sum")
         valid = target != self.as_softmax_ignore_index
         correct = ((logits.argmax(dim=1) == target) & valid).sum()
@@ -239,7 +239,10 @@ class ASSoftmaxMixin:
         on_step = stage == "train"
         for key, value in values.items():
             metric = self.as_softmax_metrics[f"{stage}_{key}"]
-            metric(value.float(), weight)
+            if on_step:
+                metric(value.float(), weight)  # forward: Lightning logs the batch value too
+            else:
+                metric.update(value.float(), weight)
             self.log(
                 f"{stage}/{key}",
                 metric,

@@ -15,22 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_assoftmax.functional._checks import check_class_target, check_reduction
+from lightning_assoftmax.functional._layout import class_rows, target_rows
+from lightning_assoftmax.ops import compute_dtype
 
 __all__ = ["FamilyLoss"]
-
-
-def _compute_dtype(logits: Tensor) -> torch.dtype:
-    # As for AS-Softmax: half-precision logits are computed and reduced in float32.
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _as_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """View ``(N, C, d1, ...)`` / ``(C,)`` logits as ``(M, C)`` rows and the target as ``(M,)``."""
-    if logits.dim() == 1:
-        return logits.unsqueeze(0), target.reshape(1)
-    if logits.dim() == 2:
-        return logits, target
-    return logits.movedim(1, -1).reshape(-1, logits.shape[1]), target.reshape(-1)
 
 
 class FamilyLoss(nn.Module):
@@ -85,9 +73,9 @@ class FamilyLoss(nn.Module):
         non-ignored elements.
         """
         check_class_target(logits, target, self.ignore_index, self.name or type(self).__name__)
-        z, t = _as_rows(logits, target)
+        z, t = class_rows(logits), target_rows(target)
         valid = t != self.ignore_index
-        z_valid = z[valid].to(_compute_dtype(z))
+        z_valid = z[valid].to(compute_dtype(z.dtype))
         t_valid = t[valid]
         self._check_rows(z_valid)
         if z_valid.shape[0] > 0:

@@ -20,6 +20,7 @@ from lightning_assoftmax.functional._checks import (
     check_multilabel_target,
     check_reduction,
 )
+from lightning_assoftmax.functional._layout import class_rows, from_class_rows
 from lightning_assoftmax.ops import (
     compute_dtype,
     multilabel_as_softmax_keep,
@@ -32,14 +33,6 @@ __all__ = [
     "multilabel_as_softmax_loss_and_stats",
     "multilabel_masked_sample_ratio",
 ]
-
-
-def _as_rows(t: Tensor) -> Tensor:
-    if t.dim() == 1:
-        return t.unsqueeze(0)
-    if t.dim() == 2:
-        return t
-    return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
 def _row_losses(logits: Tensor, target: Tensor, delta: float) -> Tensor:
@@ -107,11 +100,9 @@ def multilabel_as_softmax_keep_mask(logits: Tensor, target: Tensor, delta: float
     """Boolean mask of the kept loss terms, shaped like ``logits`` (no gradient)."""
     delta = check_delta(delta)
     check_multilabel_target(logits, target, "multilabel_as_softmax_keep_mask")
-    scores = _as_rows(logits).detach().to(compute_dtype(logits.dtype))
-    keep = multilabel_as_softmax_keep(scores, _as_rows(target) > 0.5, delta)
-    if logits.dim() <= 2:
-        return keep.reshape(logits.shape)
-    return keep.reshape(logits.movedim(1, -1).shape).movedim(-1, 1)
+    scores = class_rows(logits).detach().to(compute_dtype(logits.dtype))
+    keep = multilabel_as_softmax_keep(scores, class_rows(target) > 0.5, delta)
+    return from_class_rows(keep, logits.shape)
 
 
 def multilabel_masked_sample_ratio(logits: Tensor, target: Tensor, delta: float = 0.1) -> Tensor:

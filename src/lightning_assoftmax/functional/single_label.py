@@ -23,6 +23,7 @@ from lightning_assoftmax.functional._checks import (
     check_delta,
     check_reduction,
 )
+from lightning_assoftmax.functional._layout import class_rows, from_class_rows, target_rows
 from lightning_assoftmax.ops import as_softmax_keep_threshold, as_softmax_rows_loss, compute_dtype
 
 __all__ = [
@@ -131,11 +132,7 @@ def as_softmax_keep_mask(
     """
     delta = check_delta(delta)
     check_class_target(logits, target, ignore_index, "as_softmax_keep_mask")
-    if logits.dim() == 1:
-        z, t = logits.unsqueeze(0), target.reshape(1)
-    else:
-        z = logits.movedim(1, -1).reshape(-1, logits.shape[1])
-        t = target.reshape(-1)
+    z, t = class_rows(logits), target_rows(target)
     with torch.no_grad():
         valid = t != ignore_index
         safe_target = torch.where(valid, t, torch.zeros_like(t))
@@ -143,9 +140,7 @@ def as_softmax_keep_mask(
         threshold = as_softmax_keep_threshold(p.gather(1, safe_target.unsqueeze(1)), delta)
         # ~(p < threshold) rather than p >= threshold: rows with NaN keep everything.
         keep = ~(p < threshold) & valid.unsqueeze(1)
-    if logits.dim() <= 2:
-        return keep.reshape(logits.shape)
-    return keep.reshape(logits.movedim(1, -1).shape).movedim(-1, 1)
+    return from_class_rows(keep, logits.shape)
 
 
 def masked_sample_ratio(
