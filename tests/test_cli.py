@@ -125,6 +125,20 @@ def test_delta_outside_unit_interval_fails_clearly(tmp_path, capsys):
     assert "Traceback" not in err and "Union" not in err
 
 
+def test_wrongly_typed_loss_keyword_fails_clearly(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "model:\n  class_path: ImageClassifier\n  init_args:\n    loss: sparse_softmax\n"
+        "    loss_kwargs:\n      k: 2.5\ndata: Digits\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        ASSoftmaxCLI(args=["fit", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: TypeError: sparse_softmax: k must be a positive integer, got 2.5" in err
+    assert "Traceback" not in err
+
+
 def test_bad_data_files_fail_clearly(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ASSoftmaxCLI(args=["fit", "--data=TextFile", "--data.train_file=missing.csv"])

@@ -166,7 +166,7 @@ def test_unexpected_kwargs_name_the_accepted_ones():
     [
         ("t_softmax", {"temperature": 0.0}, r"temperature must lie in \(0, inf\)"),
         ("t_softmax", {"temperature": float("nan")}, "temperature"),
-        ("sparse_softmax", {"k": 0}, "k must be a positive int, got 0"),
+        ("sparse_softmax", {"k": 0}, "k must be a positive integer, got 0"),
         ("sparse_softmax", {"k": 2.5}, "k must be a positive int"),
         ("label_smoothing", {"smoothing": 1.0}, r"smoothing must lie in \[0, 1\)"),
         ("am_softmax", {"scale": -1.0}, "scale must lie in"),

@@ -52,7 +52,7 @@ _CORRELATION_METRICS = (
     "val/ce_loss_acc_spearman",
 )
 # User-facing errors raised while building the model or data from a config (bad values, bad files).
-_CONFIG_ERRORS = (ValueError, FileNotFoundError, ImportError)
+_CONFIG_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
 
 
 def _from_data(name: str, default: Any) -> Callable[[L.LightningDataModule], Any]:

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_assoftmax.callbacks._checks import require_mixin
+from lightning_assoftmax.functional._checks import check_real
 
 __all__ = ["DeltaWarmup"]
 
@@ -33,20 +34,14 @@ class DeltaWarmup(Callback):
     """
 
     def __init__(self, warmup_fraction: float = 0.1, start_delta: float = 1.0) -> None:
-        if isinstance(warmup_fraction, bool) or not isinstance(warmup_fraction, (int, float)):
-            raise TypeError(f"warmup_fraction must be a number in [0, 1], got {warmup_fraction!r}.")
-        if math.isnan(warmup_fraction) or not 0.0 <= warmup_fraction <= 1.0:
-            raise ValueError(
-                f"warmup_fraction must lie in [0, 1] (the share of training steps spent warming up), "
-                f"got {warmup_fraction!r}; use 0 for no warm-up."
-            )
-        if isinstance(start_delta, bool) or not isinstance(start_delta, (int, float)):
-            raise TypeError(f"start_delta must be a number in [0, 1], got {start_delta!r}.")
-        if math.isnan(start_delta) or not 0.0 <= start_delta <= 1.0:
-            raise ValueError(
-                f"start_delta must lie in [0, 1] (the delta training starts from), got {start_delta!r}; "
-                "the default 1 starts as plain softmax cross entropy."
-            )
+        warmup_fraction = check_real(
+            warmup_fraction, "warmup_fraction", low=0.0, high=1.0, low_inclusive=True, high_inclusive=True,
+            hint="It is the share of training steps spent warming up; use 0 for no warm-up.",
+        )
+        start_delta = check_real(
+            start_delta, "start_delta", low=0.0, high=1.0, low_inclusive=True, high_inclusive=True,
+            hint="It is the delta training starts from; the default 1 starts as plain softmax cross entropy.",
+        )
         self.warmup_fraction = float(warmup_fraction)
         self.start_delta = float(start_delta)
         self._warmup_steps = 0.0

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_assoftmax.family._checks import check_real
 from lightning_assoftmax.family.base import FamilyLoss
+from lightning_assoftmax.functional._checks import check_real
 
 __all__ = ["AMSoftmaxLoss", "CosineClassifier"]
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_assoftmax.family._checks import check_real
 from lightning_assoftmax.family.base import FamilyLoss
+from lightning_assoftmax.functional._checks import check_real
 
 __all__ = ["LabelSmoothingLoss", "SoftmaxLoss", "TemperatureSoftmaxLoss"]
 

@@ -23,8 +23,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.family._checks import check_positive_int
 from lightning_assoftmax.family.base import FamilyLoss
+from lightning_assoftmax.functional._checks import check_positive_int
 
 __all__ = ["SparseSoftmaxLoss"]
 

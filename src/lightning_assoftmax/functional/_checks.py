@@ -45,6 +45,43 @@ def check_flag(name: str, value: bool, hint: str = "") -> bool:
     return value
 
 
+def check_real(
+    value: float,
+    what: str,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_inclusive: bool = False,
+    high_inclusive: bool = False,
+    hint: str = "",
+) -> float:
+    """Return ``value`` as a float inside the stated interval or raise with the interval named."""
+    interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{what} must be a number in {interval}, got {value!r} of type {type(value).__name__}."
+            f"{' ' + hint if hint else ''}"
+        )
+    value = float(value)
+    above = value >= low if low_inclusive else value > low
+    below = value <= high if high_inclusive else value < high
+    if math.isnan(value) or not (above and below):
+        raise ValueError(f"{what} must lie in {interval}, got {value!r}.{' ' + hint if hint else ''}")
+    return value
+
+
+def check_positive_int(value: int, what: str, hint: str = "") -> int:
+    """Return ``value`` if it is an integer >= 1, else raise naming ``what``, the value and the fix."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{what} must be a positive integer, got {value!r} of type {type(value).__name__}."
+            f"{' ' + hint if hint else ''}"
+        )
+    if value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}.{' ' + hint if hint else ''}")
+    return value
+
+
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")

@@ -1,32 +1,11 @@
-"""Argument checks and the optimizer shared by the ready-made models."""
+"""The optimizer shared by the ready-made models."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
-__all__ = ["adamw", "check_positive_int", "check_probability", "check_rate"]
-
-
-def check_positive_int(owner: str, name: str, value: object, hint: str = "") -> int:
-    """``value`` if it is an integer >= 1, else a ``ValueError`` naming ``owner.name`` and the fix."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}.{hint}")
-    return value
-
-
-def check_probability(owner: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{owner}: {name} must be a number in [0, 1), got {value!r}.")
-    return float(value)
-
-
-def check_rate(owner: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}.")
-    return float(value)
+__all__ = ["adamw"]
 
 
 def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

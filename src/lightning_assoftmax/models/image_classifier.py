@@ -9,13 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_assoftmax.family import classifier_head
+from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import (
-    adamw,
-    check_positive_int,
-    check_probability,
-    check_rate,
-)
+from lightning_assoftmax.models._common import adamw
 
 __all__ = ["ImageClassifier"]
 
@@ -53,12 +49,12 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         super().__init__(delta=delta, **as_softmax_options)
         self.save_hyperparameters()
         owner = type(self).__name__
-        check_positive_int(owner, "num_classes", num_classes, " The CLI takes it from the datamodule's num_classes.")
-        check_positive_int(owner, "in_channels", in_channels)
-        check_positive_int(owner, "channels", channels)
-        check_probability(owner, "dropout", dropout)
-        self.lr = check_rate(owner, "lr", lr)
-        self.weight_decay = check_rate(owner, "weight_decay", weight_decay)
+        check_positive_int(num_classes, f"{owner}: num_classes", "The CLI takes it from the datamodule's num_classes.")
+        check_positive_int(in_channels, f"{owner}: in_channels")
+        check_positive_int(channels, f"{owner}: channels")
+        check_real(dropout, f"{owner}: dropout", low=0.0, high=1.0, low_inclusive=True)
+        self.lr = check_real(lr, f"{owner}: lr", low=0.0, low_inclusive=True)
+        self.weight_decay = check_real(weight_decay, f"{owner}: weight_decay", low=0.0, low_inclusive=True)
         wide = 2 * channels
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),

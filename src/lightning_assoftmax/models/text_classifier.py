@@ -10,17 +10,13 @@ from torch import Tensor, nn
 
 from lightning_assoftmax._pretrained import BUNDLED_MINILM, load_pretrained_encoder
 from lightning_assoftmax.family import classifier_head
+from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import (
-    adamw,
-    check_positive_int,
-    check_probability,
-    check_rate,
-)
+from lightning_assoftmax.models._common import adamw
 
 __all__ = ["TextClassifier"]
 
-_LINK_HINT = " The CLI takes it from the datamodule's attribute of the same name."
+_LINK_HINT = "The CLI takes it from the datamodule's attribute of the same name."
 
 
 class TextClassifier(ASSoftmaxMixin, L.LightningModule):
@@ -82,14 +78,14 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         super().__init__(delta=delta, multilabel=multilabel, **as_softmax_options)
         self.save_hyperparameters()
         owner = type(self).__name__
-        check_positive_int(owner, "num_classes", num_classes, _LINK_HINT)
-        check_probability(owner, "dropout", dropout)
+        check_positive_int(num_classes, f"{owner}: num_classes", _LINK_HINT)
+        check_real(dropout, f"{owner}: dropout", low=0.0, high=1.0, low_inclusive=True)
         if pooling not in ("mean", "first"):
             raise ValueError(f"{owner}: pooling must be 'mean' or 'first', got {pooling!r}.")
         if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 0:
             raise ValueError(f"{owner}: hidden_dim must be an integer >= 0 (0: linear head), got {hidden_dim!r}.")
-        self.lr = check_rate(owner, "lr", lr if lr is not None else (5e-5 if backbone else 3e-3))
-        self.weight_decay = check_rate(owner, "weight_decay", weight_decay)
+        self.lr = check_real(lr if lr is not None else (5e-5 if backbone else 3e-3), f"{owner}: lr", low=0.0, low_inclusive=True)
+        self.weight_decay = check_real(weight_decay, f"{owner}: weight_decay", low=0.0, low_inclusive=True)
         self.pooling = pooling
         self.encoder: nn.Module | None = None
         if backbone:
@@ -106,7 +102,7 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
                 )
             self.embedding = None
         else:
-            check_positive_int(owner, "vocab_size", vocab_size, _LINK_HINT)
+            check_positive_int(vocab_size, f"{owner}: vocab_size", _LINK_HINT)
             if embeddings:
                 table = _pretrained_word_embeddings(embeddings)
                 if table.shape[0] < vocab_size:
@@ -119,7 +115,7 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
                     table[:vocab_size].clone(), freeze=bool(freeze_embeddings), mode="sum"
                 )
             else:
-                check_positive_int(owner, "embed_dim", embed_dim)
+                check_positive_int(embed_dim, f"{owner}: embed_dim")
                 self.embedding = nn.EmbeddingBag(vocab_size, embed_dim, mode="sum")
             width = self.embedding.embedding_dim
         layers: list[nn.Module] = [nn.Dropout(dropout)]

@@ -9,17 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_assoftmax.family import classifier_head
+from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import (
-    adamw,
-    check_positive_int,
-    check_probability,
-    check_rate,
-)
+from lightning_assoftmax.models._common import adamw
 
 __all__ = ["TokenClassifier"]
 
-_LINK_HINT = " The CLI takes it from the datamodule's attribute of the same name."
+_LINK_HINT = "The CLI takes it from the datamodule's attribute of the same name."
 
 
 class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
@@ -67,13 +63,13 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         owner = type(self).__name__
         if self.as_softmax_multilabel:
             raise ValueError(f"{owner}: multi-label targets are not supported per token; use multilabel=False.")
-        check_positive_int(owner, "num_classes", num_classes, _LINK_HINT)
-        check_positive_int(owner, "vocab_size", vocab_size, _LINK_HINT)
+        check_positive_int(num_classes, f"{owner}: num_classes", _LINK_HINT)
+        check_positive_int(vocab_size, f"{owner}: vocab_size", _LINK_HINT)
         for name, value in (("embed_dim", embed_dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
-            check_positive_int(owner, name, value)
-        check_probability(owner, "dropout", dropout)
-        self.lr = check_rate(owner, "lr", lr)
-        self.weight_decay = check_rate(owner, "weight_decay", weight_decay)
+            check_positive_int(value, f"{owner}: {name}")
+        check_real(dropout, f"{owner}: dropout", low=0.0, high=1.0, low_inclusive=True)
+        self.lr = check_real(lr, f"{owner}: lr", low=0.0, low_inclusive=True)
+        self.weight_decay = check_real(weight_decay, f"{owner}: weight_decay", low=0.0, low_inclusive=True)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.rnn = nn.GRU(
             embed_dim, hidden_dim, num_layers=num_layers, batch_first=True, bidirectional=bidirectional,
