@@ -12,14 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_assoftmax import ASSoftmaxMixin
 
 
-class TinyClassifier(ASSoftmaxMixin, L.LightningModule):
-    def __init__(self, in_features: int = 8, num_classes: int = 4, lr: float = 0.05, delta: float = 0.1, **kwargs):
-        super().__init__(delta=delta, **kwargs)
-        self.save_hyperparameters()
-        self.net = nn.Linear(in_features, num_classes)
-
-    def forward(self, x):
-        return self.net(x)
+class XYSteps:
+    """``(inputs, target)`` batches through ``self(inputs)`` into ``as_softmax_loss``, every stage."""
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -32,6 +26,16 @@ class TinyClassifier(ASSoftmaxMixin, L.LightningModule):
     def test_step(self, batch, batch_idx):
         x, y = batch
         self.as_softmax_loss(self(x), y)
+
+
+class TinyClassifier(XYSteps, ASSoftmaxMixin, L.LightningModule):
+    def __init__(self, in_features: int = 8, num_classes: int = 4, lr: float = 0.05, delta: float = 0.1, **kwargs):
+        super().__init__(delta=delta, **kwargs)
+        self.save_hyperparameters()
+        self.net = nn.Linear(in_features, num_classes)
+
+    def forward(self, x):
+        return self.net(x)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import EpochSeededLoader
+from helpers import trainer as base_trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
@@ -151,19 +152,9 @@ class BatchRecorder(L.Callback):
 
 
 def make_trainer(tmp_path, callbacks, max_epochs=3, **kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
+    defaults = dict(num_sanity_val_steps=0, default_root_dir=tmp_path, deterministic=True)
     defaults.update(kwargs)
-    return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, **defaults)
+    return base_trainer(max_epochs=max_epochs, callbacks=callbacks, **defaults)
 
 
 def windows(recorder: BatchRecorder, model: TinyClassifier) -> list[list[dict]]:

@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import EpochSeededLoader
+from helpers import EpochSeededLoader, XYSteps
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -25,7 +25,7 @@ from lightning_assoftmax import AdaptiveGradAccumulation, ASSoftmaxMixin, LossAc
 C, BATCH = 4, 4
 
 
-class ConfidentClassifier(ASSoftmaxMixin, L.LightningModule):
+class ConfidentClassifier(XYSteps, ASSoftmaxMixin, L.LightningModule):
     """Gives p ~ 1 to the class of a one-hot input: a correctly labelled sample is masked (loss and
     gradient exactly 0), so the data fixes every batch's masked ratio. A window whose gradient
     holds a NaN is not applied (the guard below), so the weights stay finite after a NaN batch."""
@@ -40,14 +40,6 @@ class ConfidentClassifier(ASSoftmaxMixin, L.LightningModule):
 
     def forward(self, x):
         return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.as_softmax_loss(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.as_softmax_loss(self(x), y)
 
     def on_before_optimizer_step(self, optimizer):
         grads = [p.grad for p in self.parameters() if p.grad is not None]

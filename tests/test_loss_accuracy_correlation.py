@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import XYSteps
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import nn
@@ -88,7 +89,7 @@ def loaders(seed: int = 0):
     return DataLoader(TensorDataset(xt, yt), batch_size=64), DataLoader(TensorDataset(xv, yv), batch_size=32)
 
 
-class BlobsMLP(ASSoftmaxMixin, L.LightningModule):
+class BlobsMLP(XYSteps, ASSoftmaxMixin, L.LightningModule):
     def __init__(self, lr: float = 0.05, delta: float = DELTA):
         super().__init__(delta=delta)
         self.lr = lr
@@ -96,14 +97,6 @@ class BlobsMLP(ASSoftmaxMixin, L.LightningModule):
 
     def forward(self, x):
         return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.as_softmax_loss(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.as_softmax_loss(self(x), y)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)

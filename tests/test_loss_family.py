@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import XYSteps
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -424,7 +425,7 @@ def test_classifier_head_switches_to_cosines_for_am_softmax():
 
 
 # -- the mixin in a real Trainer --------------------------------------------------------------------
-class TinyClassifier(ASSoftmaxMixin, L.LightningModule):
+class TinyClassifier(XYSteps, ASSoftmaxMixin, L.LightningModule):
     def __init__(self, loss: str = "as_softmax", loss_kwargs: dict | None = None, delta: float = 0.1):
         super().__init__(delta=delta, loss=loss, loss_kwargs=loss_kwargs)
         self.save_hyperparameters()
@@ -433,18 +434,6 @@ class TinyClassifier(ASSoftmaxMixin, L.LightningModule):
 
     def forward(self, x):
         return self.head(self.body(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.as_softmax_loss(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.as_softmax_loss(self(x), y)
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.as_softmax_loss(self(x), y)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.05)

@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import EpochSeededLoader
+from helpers import EpochSeededLoader, XYSteps
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from reference import reference_as_softmax
@@ -63,7 +63,7 @@ def cluster_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return centers[y] + 0.5 * torch.randn(n, N_FEATURES, generator=g), y
 
 
-class BundleClassifier(ASSoftmaxMixin, L.LightningModule):
+class BundleClassifier(XYSteps, ASSoftmaxMixin, L.LightningModule):
     """An MLP with optimizer state (momentum) and a per-step LR schedule, both of which a resume
     must restore."""
 
@@ -74,14 +74,6 @@ class BundleClassifier(ASSoftmaxMixin, L.LightningModule):
 
     def forward(self, x):
         return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.as_softmax_loss(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.as_softmax_loss(self(x), y)
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.5)
