@@ -13,21 +13,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_assoftmax._cache import default_cache_dir
 from lightning_assoftmax._pretrained import BUNDLED_MINILM, load_tokenizer
 from lightning_assoftmax.data._split import SplitDataModule
 
 __all__ = ["EncodedTexts", "PadCollate", "TextTokenizer", "TokenizedTextDataModule", "default_cache_dir"]
 
 _CACHE_VERSION = "1"
-
-
-def default_cache_dir() -> Path:
-    """``$LIGHTNING_ASSOFTMAX_CACHE``, else ``$XDG_CACHE_HOME/lightning_assoftmax`` (``~/.cache``)."""
-    explicit = os.environ.get("LIGHTNING_ASSOFTMAX_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "lightning_assoftmax"
 
 
 class TextTokenizer:

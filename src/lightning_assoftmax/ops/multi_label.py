@@ -23,7 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops._blocks import BlockLayout, scale_rows, scratch
+from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
+from lightning_assoftmax.ops._native import native_library, pointer, run_rows
 from lightning_assoftmax.ops.single_label import compute_dtype
 
 __all__ = ["multilabel_as_softmax_keep", "multilabel_as_softmax_rows_loss"]
@@ -78,20 +79,129 @@ def _exact_rows(scores: Tensor, positive: Tensor, delta: float) -> tuple[Tensor,
     return loss, torch.where(positive, -grad, grad)
 
 
+def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad: bool):
+    """The compiled CPU kernel (see :mod:`._native`), or ``None`` where it does not run.
+
+    Returns ``(loss, v, factors, redo)``: with a gradient, ``v`` holds ``p`` on kept negatives,
+    ``-1/p`` on kept positives and 0 elsewhere, and ``factors = (neg_scale, pos_scale)`` per row
+    turn it into the gradient (:func:`_apply_factors`). ``redo`` is ``None`` when no row needs
+    the exact path.
+    """
+    if layout.z.device.type != "cpu":
+        return None
+    lib = native_library()
+    if lib is None:
+        return None
+    cdtype = compute_dtype(layout.z.dtype)
+    z = layout.z if layout.z.dtype == cdtype else layout.z.to(cdtype)
+    # Labels are read as they are when stored as bytes or in the compute dtype.
+    y_real = target.dtype == cdtype
+    if not y_real:
+        if target.dtype not in (torch.bool, torch.uint8):
+            target = target != 0
+        target = target.view(torch.uint8)
+    if z.dim() == 3:
+        num_classes, length = z.shape[1:]
+        strides = (*z.stride(), *target.stride())
+    else:
+        num_classes, length = z.shape[1], 1
+        strides = (*z.stride(), 0, *target.stride(), 0)
+    rows = layout.num_rows
+    loss = torch.empty(rows, dtype=cdtype)
+    redo = torch.empty(rows, dtype=torch.uint8)
+    v, factors = None, None
+    if need_grad:
+        v = layout.new_out(cdtype)
+        factors = (torch.empty(rows, dtype=cdtype), torch.empty(rows, dtype=cdtype))
+    kernel = lib.multilabel_f64 if cdtype == torch.float64 else lib.multilabel_f32
+    tiny, big = _precision_limits(cdtype)
+    outputs = [pointer(t) for t in (loss, v, *(factors or (None, None)), redo)]
+    head = (pointer(z), pointer(target), int(y_real), *outputs, num_classes, length, *strides)
+
+    def call(r0: int, r1: int) -> int:
+        return kernel(*head, delta, tiny, big, r0, r1)
+
+    flagged = run_rows(call, rows, num_classes)
+    if flagged < 0:  # the kernel could not allocate its scratch memory
+        return None
+    return loss, v, factors, redo.bool() if flagged else None
+
+
+def _apply_factors(
+    layout: BlockLayout, v: Tensor, neg: Tensor, pos: Tensor, grad_loss: Tensor, out: Tensor
+) -> Tensor:
+    """``out = grad_loss * v * (pos if v < 0 else neg)`` per row (``out`` may be ``v``), one C pass.
+
+    ``grad_loss`` is one value per row; entries with ``v = 0`` (masked terms) get exactly 0
+    whatever it holds.
+    """
+    lib = native_library()
+    kernel = lib.ml_scale_f64 if v.dtype == torch.float64 else lib.ml_scale_f32
+    length = v.shape[2] if v.dim() == 3 else 1
+    grad_loss = grad_loss.reshape(-1).contiguous()  # e.g. the expanded gradient of a sum
+    pointers = [pointer(t) for t in (v, out, neg, pos, grad_loss)]
+    head = (*pointers, layout.num_classes, length)
+
+    def call(r0: int, r1: int) -> int:
+        kernel(*head, r0, r1)
+        return 0
+
+    run_rows(call, layout.num_rows, layout.num_classes)
+    return out
+
+
+def _precision_limits(cdtype: torch.dtype) -> tuple[float, float]:
+    """Below ``tiny`` a positive's ``1/p`` loses digits; above ``big`` ``e^{+-lse}`` may overflow."""
+    return torch.finfo(cdtype).tiny ** 0.8, 0.68 * math.log(torch.finfo(cdtype).max)
+
+
 def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
-    """Per-row loss ``(M,)`` and, if asked, the gradient buffer in the block layout."""
+    """Per-row loss ``(M,)``, the gradient buffer in the block layout and its per-row factors.
+
+    The factors are ``None`` when the buffer already holds the gradient (torch path, half inputs).
+    """
     layout = BlockLayout(logits)
-    cdtype = compute_dtype(logits.dtype)
-    device = logits.device
-    num_classes = layout.num_classes
     target = layout.to_layout(target)
+    result = _native_forward(layout, target, delta, need_grad)
+    if result is None:
+        loss, out, redo = _torch_forward(layout, logits.dtype, target, delta, need_grad)
+        factors = None
+    else:
+        loss, out, factors, redo = result
+    # Where 1/p_j or e^{+-lse} would lose digits or overflow, recompute with shifted exponentials.
+    if redo is not None and bool(redo.any()):
+        idx = redo.nonzero().squeeze(1)
+        rows = layout.rows_of(layout.z, idx).to(loss.dtype)
+        positive = layout.rows_of(target, idx) > 0.5
+        row_loss, row_grad = _exact_rows(rows, positive, delta)
+        loss[idx] = row_loss
+        if out is not None:
+            layout.set_rows(out, idx, row_grad.to(out.dtype))
+            if factors is not None:  # the exact rows are gradients already
+                for factor in factors:
+                    factor[idx] = 1.0
+    if factors is not None and out.dtype != logits.dtype:
+        # Half inputs: a half buffer cannot hold -1/p, so the gradient is formed here.
+        ones = torch.ones((), dtype=out.dtype).expand(layout.num_rows)
+        out = _apply_factors(layout, out, *factors, ones, out=out).to(logits.dtype)
+        factors = None
+    return loss, out, factors, layout
+
+
+def _torch_forward(
+    layout: BlockLayout, dtype: torch.dtype, target: Tensor, delta: float, need_grad: bool
+):
+    """The same kernel from torch ops, block by block: ``(loss, grad, redo)``."""
+    cdtype = compute_dtype(dtype)
+    device = layout.z.device
+    num_classes = layout.num_classes
     # Flat buffers viewed per row: the returned loss must not be a view (callers may modify it).
     flat_loss = torch.empty(layout.num_rows, dtype=cdtype, device=device)
     loss = flat_loss.view(layout.row_shape)
     min_pos = torch.empty_like(loss)
     log_sum = torch.empty_like(loss)
-    out = layout.new_out(logits.dtype) if need_grad else None
-    direct = out is not None and logits.dtype == cdtype and not layout.columns
+    out = layout.new_out(dtype) if need_grad else None
+    direct = out is not None and dtype == cdtype and not layout.columns
     one = torch.ones((), dtype=cdtype, device=device)
     buffers: dict = {}
     split = layout.split
@@ -150,23 +260,12 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         if not direct:
             out_block.copy_(grad)
 
-    loss = flat_loss
     min_pos, log_sum = min_pos.reshape(-1), log_sum.reshape(-1)
-    # Where 1/p_j or e^{+-lse} would lose digits or overflow, recompute with shifted exponentials.
-    tiny = torch.finfo(cdtype).tiny ** 0.8
-    big = 0.68 * math.log(torch.finfo(cdtype).max)
+    tiny, big = _precision_limits(cdtype)
     # A mask, not amin/amax over the batch: a NaN row would make those NaN and hide the other
     # rows that need the exact path.
-    redo = (min_pos < tiny) | (log_sum.abs() > big) | (loss == math.inf)
-    if bool(redo.any()):
-        idx = redo.nonzero().squeeze(1)
-        rows = layout.rows_of(layout.z, idx).to(cdtype)
-        positive = layout.rows_of(target, idx) > 0.5
-        row_loss, row_grad = _exact_rows(rows, positive, delta)
-        loss[idx] = row_loss
-        if out is not None:
-            layout.set_rows(out, idx, row_grad.to(out.dtype))
-    return loss, out, layout
+    redo = (min_pos < tiny) | (log_sum.abs() > big) | (flat_loss == math.inf)
+    return flat_loss, out, redo
 
 
 class _FusedMultiLabelASSoftmax(torch.autograd.Function):
@@ -174,20 +273,26 @@ class _FusedMultiLabelASSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, delta: float):
-        loss, out, layout = _forward(logits, target, delta, True)
+        loss, out, factors, layout = _forward(logits, target, delta, True)
         # A row with loss exactly 0 is a masked sample: its gradient is exactly 0, not round-off.
-        # (Saved as a mask, not the output itself, so callers may modify the loss in place.)
-        ctx.save_for_backward(out, loss != 0)
+        # The factors path zeroes it in the C pass (v = 0 there); otherwise a mask is saved (not
+        # the loss itself, so callers may modify the loss in place).
+        ctx.save_for_backward(out, *(factors or (loss != 0,)))
         ctx.layout = layout
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        out, live = ctx.saved_tensors
+        out, *extra = ctx.saved_tensors
         layout = ctx.layout
-        scale = torch.where(live, grad_loss, 0.0).reshape(layout.row_shape)
-        grad = scale_rows(out, scale)
+        if len(extra) == 2:
+            # In place unless autograd keeps the graph (see scale_rows).
+            target = torch.empty_like(out) if graph_is_kept() else out
+            grad = _apply_factors(layout, out, *extra, grad_loss, out=target)
+        else:
+            scale = torch.where(extra[0], grad_loss, 0.0).reshape(layout.row_shape)
+            grad = scale_rows(out, scale)
         return layout.to_input_layout(grad), None, None
 
 
@@ -205,5 +310,5 @@ def multilabel_as_softmax_rows_loss(logits: Tensor, target: Tensor, delta: float
     if logits.requires_grad and torch.is_grad_enabled():
         return _FusedMultiLabelASSoftmax.apply(logits, target, delta)
     with torch.no_grad():
-        loss, _, _ = _forward(logits, target, delta, False)
+        loss = _forward(logits, target, delta, False)[0]
     return loss

@@ -1,0 +1,191 @@
+"""Fused CPU kernels written in C, compiled on first use and called through ``ctypes``.
+
+Why: at few classes a loss is a few microseconds of arithmetic per thousand samples, and a chain
+of torch ops spends most of its time starting ops. One C call does the whole forward (loss and
+gradient) in one pass over cache-resident tiles.
+
+How: ``native/kernels.c`` is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``) into ``<cache>/kernels/`` (see :func:`lightning_assoftmax._cache.default_cache_dir`),
+once per machine and source version (well under a second), and loaded with ``ctypes``, which
+releases the GIL during the call so that row ranges can run on several threads.
+
+Where that is not possible (no compiler, a read-only cache, a non-CPU tensor) the torch
+implementation runs instead, with the same results; it is logged once. Set
+``LIGHTNING_ASSOFTMAX_NATIVE=0`` to always use the torch implementation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lightning_assoftmax._cache import default_cache_dir
+
+__all__ = ["native_library", "native_status", "run_rows"]
+
+_log = logging.getLogger(__name__)
+_SOURCES = ("kernels.c", "multilabel.h")
+_BASE_FLAGS = [
+    "-O3",
+    "-std=c11",
+    "-fPIC",
+    "-shared",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fopenmp-simd",
+]
+#: Rows x classes below which one thread does the whole call (thread start-up costs more).
+PARALLEL_ELEMENTS = 1 << 18
+
+_lock = threading.Lock()
+_state: dict = {"lib": None, "tried": False, "reason": "not loaded yet"}
+_pool: dict = {}
+
+
+def _enabled() -> bool:
+    return os.environ.get("LIGHTNING_ASSOFTMAX_NATIVE", "1").strip().lower() not in {
+        "0",
+        "false",
+        "no",
+        "off",
+    }
+
+
+def _compiler() -> str | None:
+    explicit = os.environ.get("CC")
+    if explicit:
+        return shutil.which(explicit) or None
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _compile(cc: str, source_dir: Path, target: Path) -> None:
+    """Compile ``kernels.c`` into ``target`` (atomically: concurrent processes may race)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        errors = ""
+        for extra in (["-march=native"], []):
+            cmd = [cc, *_BASE_FLAGS, *extra, str(source_dir / "kernels.c"), "-o", tmp, "-lm"]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return
+            errors = done.stderr.strip()[-2000:]
+        raise RuntimeError(f"{cc} failed: {errors}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i32, i64, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_double
+    for suffix in ("f32", "f64"):
+        fn = getattr(lib, f"multilabel_{suffix}")
+        fn.restype = i64
+        fn.argtypes = [ptr, ptr, i32] + [ptr] * 5 + [i64] * 8 + [f64] * 3 + [i64] * 2
+        fn = getattr(lib, f"ml_scale_{suffix}")
+        fn.restype = None
+        fn.argtypes = [ptr] * 5 + [i64] * 4
+        fn = getattr(lib, f"not_binary_{suffix}")
+        fn.restype = i64
+        fn.argtypes = [ptr, i64]
+
+
+def _load() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    source_dir = Path(str(resources.files("lightning_assoftmax.ops") / "native"))
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((source_dir / name).read_bytes())
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+    for part in (cc, version.stdout, " ".join(_BASE_FLAGS), platform.machine(), _cpu_identity()):
+        digest.update(part.encode())
+    target = default_cache_dir() / "kernels" / f"lightning_assoftmax-{digest.hexdigest()[:20]}.so"
+    if not target.exists():
+        _compile(cc, source_dir, target)
+    lib = ctypes.CDLL(str(target))
+    _declare(lib)
+    return lib
+
+
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernels, or ``None`` when disabled or unavailable (the reason is logged once)."""
+    if not _enabled():
+        return None
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                _state["lib"] = _load()
+                _state["reason"] = "loaded"
+            except Exception as err:  # any failure means: use the torch implementation
+                _state["reason"] = f"unavailable: {err}"
+                _log.warning(
+                    "lightning_assoftmax: compiled CPU kernels %s; using the torch "
+                    "implementation (same results, slower at few classes).",
+                    _state["reason"],
+                )
+            _state["tried"] = True
+    return _state["lib"]
+
+
+def native_status() -> str:
+    """``"loaded"``, ``"disabled"``, ``"not loaded yet"`` or ``"unavailable: <reason>"``."""
+    if not _enabled():
+        return "disabled"
+    return _state["reason"]
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    # Keyed by process too: a forked child (e.g. a DataLoader worker) has none of the threads.
+    key = (os.getpid(), workers)
+    pool = _pool.get(key)
+    if pool is None:
+        pool = _pool[key] = ThreadPoolExecutor(workers, thread_name_prefix="assoftmax")
+    return pool
+
+
+def run_rows(call, num_rows: int, num_classes: int) -> int:
+    """``call(r0, r1)`` over ``[0, num_rows)``, split over ``torch.get_num_threads()`` threads
+    when the work is large enough; returns the sum of the calls' results (``-1`` on failure)."""
+    workers = min(torch.get_num_threads(), max(1, num_rows * num_classes // PARALLEL_ELEMENTS))
+    if workers <= 1 or num_rows < 2 * workers:
+        return call(0, num_rows)
+    bounds = [num_rows * k // workers for k in range(workers + 1)]
+    results = list(_executor(workers).map(call, bounds[:-1], bounds[1:]))
+    return -1 if min(results) < 0 else sum(results)
+
+
+def pointer(t: Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else None)

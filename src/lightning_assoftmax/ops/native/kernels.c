@@ -1,0 +1,124 @@
+/* Fused CPU kernels of lightning_assoftmax, compiled on first use (see ops/_native.py).
+ *
+ * Plain C11 with no Python or torch headers: the library is built with the system C compiler in
+ * well under a second and called through ctypes, which releases the GIL during the call.
+ *
+ * Exponentials and logarithms of float rows come from the branch-free polynomials below (Cephes'
+ * expf/logf, about 1 ulp), written with selects only so that the compiler vectorises the loops
+ * that call them. They keep IEEE semantics: NaN propagates, exp underflows through subnormals to
+ * 0 and overflows to inf. Double rows use libm.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float f32_from_bits(int32_t i) {
+    float f;
+    memcpy(&f, &i, sizeof f);
+    return f;
+}
+
+static inline int32_t f32_bits(float f) {
+    int32_t i;
+    memcpy(&i, &f, sizeof i);
+    return i;
+}
+
+static inline float exp_f32(float x) {
+    float xc = x < -104.0f ? -104.0f : x; /* exp(-104) rounds to 0, exp(89) to inf */
+    xc = xc > 89.0f ? 89.0f : xc;
+    xc = xc == xc ? xc : 0.0f;
+    /* n = round(x / ln 2) by the 1.5 * 2^23 trick (no rint call, so the loop vectorises). */
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    /* 2^n as two factors, each a normal float, so that results round once into subnormals. */
+    int32_t k = (int32_t)n;
+    int32_t k1 = k >> 1;
+    int32_t k2 = k - k1;
+    float y = p * f32_from_bits((k1 + 127) << 23) * f32_from_bits((k2 + 127) << 23);
+    return x == x ? y : x;
+}
+
+static inline float log_f32(float x) {
+    int sub = x < 1.17549435e-38f;
+    float xs = sub ? x * 8388608.0f : x; /* subnormals: scale by 2^23 first */
+    int32_t bits = f32_bits(xs);
+    int32_t e = ((bits >> 23) & 0xff) - 126 - (sub ? 23 : 0);
+    float m = f32_from_bits((bits & 0x007fffff) | 0x3f000000); /* x = m 2^e, m in [0.5, 1) */
+    int small = m < 0.707106781186547524f;
+    float ef = (float)(e - small);
+    m = small ? m + m - 1.0f : m - 1.0f;
+    float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    y = y + ef * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    float r = m + y + ef * 0.693359375f;
+    r = x == INFINITY ? x : r;
+    r = x == 0.0f ? -INFINITY : r;
+    return (x < 0.0f || x != x) ? NAN : r;
+}
+
+/* log(1 + a) for a >= 0 (or NaN/inf): log(u) * a / (u - 1) with u = 1 + a corrects u's rounding. */
+static inline float log1p_f32(float a) {
+    float u = 1.0f + a;
+    float d = u - 1.0f;
+    float r = log_f32(u) * (a / (d == 0.0f ? 1.0f : d));
+    r = d == 0.0f ? a : r;
+    return a == INFINITY ? a : r;
+}
+
+#define REAL float
+#define SFX(name) name##_f32
+#define EXPR exp_f32
+#define LOGR log_f32
+#define LOG1PR log1p_f32
+#define INFR INFINITY
+#include "multilabel.h"
+#undef REAL
+#undef SFX
+#undef EXPR
+#undef LOGR
+#undef LOG1PR
+#undef INFR
+
+/* Double rows: libm (float64 inputs, e.g. gradcheck, where speed matters less). */
+#define REAL double
+#define SFX(name) name##_f64
+#define EXPR exp
+#define LOGR log
+#define LOG1PR log1p
+#define INFR ((double)INFINITY)
+#include "multilabel.h"
+
+/* How many of the n contiguous labels are neither 0 nor 1 (NaN counts). */
+long not_binary_f32(const float *y, long n) {
+    long bad = 0;
+#pragma omp simd reduction(+ : bad)
+    for (long i = 0; i < n; i++) bad += !((y[i] == 0.0f) | (y[i] == 1.0f));
+    return bad;
+}
+
+long not_binary_f64(const double *y, long n) {
+    long bad = 0;
+#pragma omp simd reduction(+ : bad)
+    for (long i = 0; i < n; i++) bad += !((y[i] == 0.0) | (y[i] == 1.0));
+    return bad;
+}

@@ -1,0 +1,311 @@
+/* Multi-label AS-Softmax, instantiated per REAL type by kernels.c.
+ *
+ * Logits are viewed as (B, C, L) with element strides; row r = b * L + l holds the C scores of
+ * sample (b, l), so (M, C) logits are (1, C, M) with strides (0, 1, C) and channel-second
+ * (N, C, L) logits are themselves. Per row, with m = max s, e = exp(s - m), S = sum e,
+ * p = e / S and lse = m + log S (the same formulas as the torch path in ops/multi_label.py):
+ *
+ *   negative i kept  iff  no positives, or not (min_P p - p_i > delta)
+ *   positive j kept  iff  no negatives, or not (p_j - max_Q p > delta)
+ *   A = sum of kept negative p,  Bs = sum of kept positive 1/p
+ *   loss = log1p(A e^lse) + log1p(Bs e^-lse)
+ *   grad = p / (e^-lse + A) on kept negatives, -(1/p) / (e^lse + Bs) on kept positives, else 0
+ *
+ * The forward writes v = p on kept negatives, -1/p on kept positives and 0 elsewhere, plus the
+ * per-row factors sn = 1 / (e^-lse + A) and sp = 1 / (e^lse + Bs); ml_scale turns v into the
+ * gradient (times the incoming per-row gradient) in one pass, in the backward.
+ *
+ * NaN comparisons are false, so a row with a NaN (or +inf, whose softmax is NaN) keeps every
+ * term and its NaN surfaces. Rows where the shortcut loses digits (a positive with p < tiny,
+ * |lse| > big, or an infinite loss) are flagged in `redo` for the exact path of the caller.
+ * v is contiguous in the (B, C, L) layout: (b, c, l) at (b * C + c) * L + l.
+ */
+
+#define LANES 64
+
+/* Loss, gradient factors and redo flag of one row from its reductions. */
+static inline void SFX(finish)(REAL m, REAL S, REAL A, REAL Bs, REAL min_pos, int has_pos,
+                               REAL tiny, REAL big, REAL *loss, REAL *neg_scale,
+                               REAL *pos_scale, uint8_t *redo) {
+    REAL lse = m + LOGR(S);
+    REAL el = EXPR(lse);
+    REAL iel = (REAL)1 / el;
+    REAL l = LOG1PR(A * el) + LOG1PR(Bs * iel);
+    *loss = l;
+    *neg_scale = (REAL)1 / (iel + A);
+    *pos_scale = (REAL)1 / (el + Bs);
+    *redo = (uint8_t)((has_pos & (min_pos < tiny)) | (fabs(lse) > big) | (l == INFR));
+}
+
+/* Few classes, or samples contiguous along L: LANES rows at a time, one per vector lane.
+ * x and v hold C * LANES REALs, yy C * LANES bytes. */
+static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss, REAL *g, REAL *gn,
+                          REAL *gp, uint8_t *redo, long C, long L, long ssb, long ssc, long ssl,
+                          long syb, long syc, long syl, REAL delta, REAL tiny, REAL big, long r0,
+                          long r1, REAL *x, REAL *v, uint8_t *yy) {
+    long count = 0;
+    long os[LANES], oy[LANES], og[LANES];
+    REAL m[LANES], S[LANES], iS[LANES], min_pos[LANES], max_neg[LANES], A[LANES], Bs[LANES];
+    REAL lo[LANES], sn[LANES], sp[LANES];
+    int npos[LANES], bad[LANES];
+    uint8_t rd[LANES];
+    for (long t0 = r0; t0 < r1; t0 += LANES) {
+        long n = r1 - t0 < LANES ? r1 - t0 : LANES;
+        long b = t0 / L, l = t0 - b * L; /* one division per tile: lanes step through (b, l) */
+        for (long j = 0; j < n; j++) {
+            os[j] = b * ssb + l * ssl;
+            oy[j] = b * syb + l * syl;
+            og[j] = b * C * L + l;
+            if (++l == L) {
+                l = 0;
+                b++;
+            }
+        }
+        /* Load the tile class-major (padding lanes repeat row t0 and are never stored). */
+        int unit = ssl == 1 && os[n - 1] - os[0] == n - 1;
+        for (long c = 0; c < C; c++) {
+            REAL *xc = x + c * LANES;
+            uint8_t *yc = yy + c * LANES;
+            if (unit) {
+                const REAL *sc = s + os[0] + c * ssc;
+                for (long j = 0; j < n; j++) xc[j] = sc[j];
+            } else {
+                for (long j = 0; j < n; j++) xc[j] = s[os[j] + c * ssc];
+            }
+            if (y_real) {
+                const REAL *y = (const REAL *)yv + c * syc;
+                for (long j = 0; j < n; j++) yc[j] = y[oy[j]] != 0;
+            } else {
+                const uint8_t *y = (const uint8_t *)yv + c * syc;
+                for (long j = 0; j < n; j++) yc[j] = y[oy[j]] != 0;
+            }
+            for (long j = n; j < LANES; j++) {
+                xc[j] = xc[0];
+                yc[j] = yc[0];
+            }
+        }
+        for (long j = 0; j < LANES; j++) {
+            m[j] = -INFR;
+            npos[j] = 0;
+            bad[j] = 0;
+            S[j] = 0;
+            min_pos[j] = INFR;
+            max_neg[j] = 0;
+            A[j] = 0;
+            Bs[j] = 0;
+        }
+        for (long c = 0; c < C; c++) {
+            const REAL *xc = x + c * LANES;
+            const uint8_t *yc = yy + c * LANES;
+#pragma omp simd
+            for (long j = 0; j < LANES; j++) {
+                REAL t = xc[j];
+                m[j] = t > m[j] ? t : m[j];
+                bad[j] |= t != t;
+                npos[j] += yc[j];
+            }
+        }
+        for (long j = 0; j < LANES; j++) m[j] = bad[j] ? (REAL)NAN : m[j];
+        /* e = exp(s - m); the extremes of e give those of p = e / S (same rounding). */
+        for (long c = 0; c < C; c++) {
+            const REAL *xc = x + c * LANES;
+            const uint8_t *yc = yy + c * LANES;
+            REAL *vc = v + c * LANES;
+#pragma omp simd
+            for (long j = 0; j < LANES; j++) {
+                REAL e = EXPR(xc[j] - m[j]);
+                vc[j] = e;
+                S[j] += e;
+                REAL mp = yc[j] ? e : INFR;
+                REAL mq = yc[j] ? (REAL)0 : e;
+                min_pos[j] = mp < min_pos[j] ? mp : min_pos[j];
+                max_neg[j] = mq > max_neg[j] ? mq : max_neg[j];
+            }
+        }
+#pragma omp simd
+        for (long j = 0; j < LANES; j++) {
+            iS[j] = (REAL)1 / S[j];
+            min_pos[j] = min_pos[j] * iS[j];
+            max_neg[j] = max_neg[j] * iS[j];
+        }
+        for (long c = 0; c < C; c++) {
+            REAL *vc = v + c * LANES;
+            const uint8_t *yc = yy + c * LANES;
+#pragma omp simd
+            for (long j = 0; j < LANES; j++) {
+                REAL p = vc[j] * iS[j];
+                int pos = yc[j];
+                int keep_neg = !pos & ((npos[j] == 0) | !(min_pos[j] - p > delta));
+                int keep_pos = pos & ((npos[j] == C) | !(p - max_neg[j] > delta));
+                REAL ip = (REAL)1 / p;
+                A[j] += keep_neg ? p : (REAL)0;
+                Bs[j] += keep_pos ? ip : (REAL)0;
+                vc[j] = keep_neg ? p : (keep_pos ? -ip : (REAL)0);
+            }
+        }
+#pragma omp simd
+        for (long j = 0; j < LANES; j++) {
+            SFX(finish)(m[j], S[j], A[j], Bs[j], min_pos[j], npos[j] > 0, tiny, big, &lo[j], &sn[j],
+                        &sp[j], &rd[j]);
+        }
+        for (long j = 0; j < n; j++) {
+            loss[t0 + j] = lo[j];
+            redo[t0 + j] = rd[j];
+            count += rd[j];
+        }
+        if (g) {
+            for (long j = 0; j < n; j++) {
+                gn[t0 + j] = sn[j];
+                gp[t0 + j] = sp[j];
+            }
+            int contiguous = og[n - 1] - og[0] == n - 1;
+            for (long c = 0; c < C; c++) {
+                const REAL *vc = v + c * LANES;
+                if (contiguous) {
+                    memcpy(g + og[0] + c * L, vc, (size_t)n * sizeof(REAL));
+                } else {
+                    for (long j = 0; j < n; j++) g[og[j] + c * L] = vc[j];
+                }
+            }
+        }
+    }
+    return count;
+}
+
+/* Many classes: one row at a time; the row is read in place when its classes are contiguous.
+ * xbuf and v hold C REALs (v may be g's row when it is contiguous), ybuf C bytes. */
+static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, REAL *g, REAL *gn,
+                         REAL *gp, uint8_t *redo, long C, long L, long ssb, long ssc, long ssl,
+                         long syb, long syc, long syl, REAL delta, REAL tiny, REAL big, long r0,
+                         long r1, REAL *xbuf, REAL *vbuf, uint8_t *ybuf) {
+    long count = 0;
+    for (long r = r0; r < r1; r++) {
+        long b = r / L, l = r - b * L;
+        const REAL *x = s + b * ssb + l * ssl;
+        REAL *v = g && L == 1 ? g + b * C : vbuf;
+        if (ssc != 1) {
+            for (long c = 0; c < C; c++) xbuf[c] = x[c * ssc];
+            x = xbuf;
+        }
+        const uint8_t *yr = ybuf;
+        if (y_real) {
+            const REAL *y = (const REAL *)yv + b * syb + l * syl;
+            for (long c = 0; c < C; c++) ybuf[c] = y[c * syc] != 0;
+        } else if (syc != 1) {
+            const uint8_t *y = (const uint8_t *)yv + b * syb + l * syl;
+            for (long c = 0; c < C; c++) ybuf[c] = y[c * syc];
+        } else {
+            yr = (const uint8_t *)yv + b * syb + l * syl;
+        }
+        REAL m = -INFR;
+        int bad = 0, npos = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : npos)
+        for (long c = 0; c < C; c++) {
+            REAL t = x[c];
+            m = t > m ? t : m;
+            bad |= t != t;
+            npos += yr[c] != 0;
+        }
+        m = bad ? (REAL)NAN : m;
+        REAL S = 0, min_pos = INFR, max_neg = 0;
+#pragma omp simd reduction(+ : S) reduction(min : min_pos) reduction(max : max_neg)
+        for (long c = 0; c < C; c++) {
+            REAL e = EXPR(x[c] - m);
+            v[c] = e;
+            S += e;
+            REAL mp = yr[c] ? e : INFR;
+            REAL mq = yr[c] ? (REAL)0 : e;
+            min_pos = mp < min_pos ? mp : min_pos;
+            max_neg = mq > max_neg ? mq : max_neg;
+        }
+        REAL iS = (REAL)1 / S;
+        min_pos = min_pos * iS;
+        max_neg = max_neg * iS;
+        REAL A = 0, Bs = 0;
+#pragma omp simd reduction(+ : A, Bs)
+        for (long c = 0; c < C; c++) {
+            REAL p = v[c] * iS;
+            int pos = yr[c] != 0;
+            int keep_neg = !pos & ((npos == 0) | !(min_pos - p > delta));
+            int keep_pos = pos & ((npos == C) | !(p - max_neg > delta));
+            REAL ip = (REAL)1 / p;
+            A += keep_neg ? p : (REAL)0;
+            Bs += keep_pos ? ip : (REAL)0;
+            v[c] = keep_neg ? p : (keep_pos ? -ip : (REAL)0);
+        }
+        REAL sn, sp;
+        uint8_t rd;
+        SFX(finish)(m, S, A, Bs, min_pos, npos > 0, tiny, big, &loss[r], &sn, &sp, &rd);
+        redo[r] = rd;
+        count += rd;
+        if (g) {
+            gn[r] = sn;
+            gp[r] = sp;
+            if (v == vbuf) {
+                REAL *gr = g + b * C * L + l;
+                for (long c = 0; c < C; c++) gr[c * L] = v[c];
+            }
+        }
+    }
+    return count;
+}
+
+/* Rows r0 <= r < r1. y holds 0/1 labels as bytes (y_real = 0) or as REAL (y_real = 1). g, gn and
+ * gp may be NULL (no gradient). Returns the number of rows flagged in redo, or -1 if the scratch
+ * memory could not be allocated. */
+long SFX(multilabel)(const REAL *s, const void *y, int y_real, REAL *loss, REAL *g, REAL *gn, REAL *gp,
+                     uint8_t *redo, long C, long L, long ssb, long ssc, long ssl, long syb,
+                     long syc, long syl, double delta, double tiny, double big, long r0,
+                     long r1) {
+    int lanes = C <= 32 || (ssl == 1 && L >= LANES && C <= 4096);
+    long width = lanes ? C * LANES : C;
+    REAL *buf = (REAL *)malloc((size_t)width * (2 * sizeof(REAL) + 1));
+    if (!buf) return -1;
+    uint8_t *ybuf = (uint8_t *)(buf + 2 * width);
+    long count = lanes ? SFX(ml_lanes)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb, syc,
+                                       syl, (REAL)delta, (REAL)tiny, (REAL)big, r0, r1, buf,
+                                       buf + width, ybuf)
+                       : SFX(ml_rows)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb, syc,
+                                      syl, (REAL)delta, (REAL)tiny, (REAL)big, r0, r1, buf,
+                                      buf + width, ybuf);
+    free(buf);
+    return count;
+}
+
+/* Backward: out = go[r] * v * (v < 0 ? gp : gn) per row r0 <= r < r1 of the contiguous (B, C, L)
+ * buffer v (out may be v itself). Entries with v = 0 (masked terms, and every term of a masked
+ * row) get exactly 0, whatever go is. */
+void SFX(ml_scale)(const REAL *v, REAL *out, const REAL *gn, const REAL *gp, const REAL *go,
+                   long C, long L, long r0, long r1) {
+    if (L == 1) {
+        for (long r = r0; r < r1; r++) {
+            const REAL *vr = v + r * C;
+            REAL *o = out + r * C;
+            REAL n = gn[r] * go[r], p = gp[r] * go[r];
+#pragma omp simd
+            for (long c = 0; c < C; c++) {
+                REAL t = vr[c];
+                o[c] = t == 0 ? (REAL)0 : t * (t < 0 ? p : n);
+            }
+        }
+        return;
+    }
+    /* Rows of one b are contiguous along L: walk [r0, r1) in runs that stay within one b. */
+    for (long r = r0; r < r1;) {
+        long b = r / L, l0 = r - b * L;
+        long l1 = L - l0 > r1 - r ? l0 + (r1 - r) : L;
+        const REAL *n = gn + b * L, *p = gp + b * L, *g = go + b * L;
+        for (long c = 0; c < C; c++) {
+            const REAL *vc = v + (b * C + c) * L;
+            REAL *o = out + (b * C + c) * L;
+#pragma omp simd
+            for (long l = l0; l < l1; l++) {
+                REAL t = vc[l];
+                o[l] = t == 0 ? (REAL)0 : t * (t < 0 ? p[l] : n[l]) * g[l];
+            }
+        }
+        r += l1 - l0;
+    }
+}
+
+#undef LANES
