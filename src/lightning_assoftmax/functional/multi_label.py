@@ -48,14 +48,20 @@ def multilabel_as_softmax_loss_and_stats(
     logits: Tensor, target: Tensor, delta: float = 0.1, *, reduction: str = "mean"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The multi-label loss plus ``(masked_count, row_count)`` (rows with loss exactly 0)."""
+    out, rows = _loss(logits, target, delta, reduction)
+    with torch.no_grad():
+        masked = (rows.detach() == 0).sum()
+        count = torch.tensor(rows.shape[0], device=rows.device)
+    return out, masked, count
+
+
+def _loss(logits: Tensor, target: Tensor, delta: float, reduction: str) -> tuple[Tensor, Tensor]:
+    """The reduced loss and the per-row losses."""
     fn = "multilabel_as_softmax_loss"
     delta = check_delta(delta)
     reduction = check_reduction(reduction)
     check_multilabel_target(logits, target, fn)
     rows = _row_losses(logits, target, delta)
-    with torch.no_grad():
-        masked = (rows.detach() == 0).sum()
-        count = torch.tensor(rows.shape[0], device=rows.device)
     if reduction == "none":
         out = (
             rows.reshape(logits.shape[:1] + logits.shape[2:])
@@ -66,7 +72,7 @@ def multilabel_as_softmax_loss_and_stats(
         out = rows.sum()
     else:
         out = rows.sum() / max(rows.shape[0], 1)
-    return out, masked, count
+    return out, rows
 
 
 def multilabel_as_softmax_loss(
@@ -92,8 +98,7 @@ def multilabel_as_softmax_loss(
         >>> multilabel_as_softmax_loss(logits, target, delta=0.2, reduction="none")
         tensor([0.0000, 1.1672])
     """
-    loss, _, _ = multilabel_as_softmax_loss_and_stats(logits, target, delta, reduction=reduction)
-    return loss
+    return _loss(logits, target, delta, reduction)[0]
 
 
 def multilabel_as_softmax_keep_mask(logits: Tensor, target: Tensor, delta: float = 0.1) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_assoftmax._cache import default_cache_dir
 
-__all__ = ["native_library", "native_status", "run_rows"]
+__all__ = ["count_not_binary", "native_library", "native_status", "pointer", "run_rows"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = ("kernels.c", "multilabel.h")
@@ -92,7 +92,8 @@ def _compile(cc: str, source_dir: Path, target: Path) -> None:
     os.close(fd)
     try:
         errors = ""
-        for extra in (["-march=native"], []):
+        # The widest vectors this CPU has; then portable fallbacks for compilers that refuse.
+        for extra in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
             cmd = [cc, *_BASE_FLAGS, *extra, str(source_dir / "kernels.c"), "-o", tmp, "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
@@ -185,6 +186,20 @@ def run_rows(call, num_rows: int, num_classes: int) -> int:
     bounds = [num_rows * k // workers for k in range(workers + 1)]
     results = list(_executor(workers).map(call, bounds[:-1], bounds[1:]))
     return -1 if min(results) < 0 else sum(results)
+
+
+def count_not_binary(t: Tensor) -> int | None:
+    """How many entries of a contiguous CPU float32/float64 tensor are neither 0 nor 1 (NaN
+    included), or ``None`` where the kernels do not apply."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return None
+    if not t.is_contiguous():
+        return None
+    lib = native_library()
+    if lib is None:
+        return None
+    fn = lib.not_binary_f64 if t.dtype == torch.float64 else lib.not_binary_f32
+    return fn(pointer(t), t.numel())
 
 
 def pointer(t: Tensor | None) -> ctypes.c_void_p:

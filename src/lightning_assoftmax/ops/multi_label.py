@@ -72,6 +72,8 @@ def _exact_rows(scores: Tensor, positive: Tensor, delta: float) -> tuple[Tensor,
     for group in (~positive, positive):
         terms = signed.masked_fill(~(keep & group), float("-inf"))
         shift = terms.amax(dim=1, keepdim=True).clamp(min=0.0)
+        # A +inf term (e.g. a -inf positive) makes the loss +inf: shift by 0 there, not inf - inf.
+        shift = shift.masked_fill(shift == math.inf, 0.0)
         exps = torch.exp(terms - shift)
         denom = torch.exp(-shift) + exps.sum(dim=1, keepdim=True)
         loss += (shift + torch.log(denom)).squeeze(1)
@@ -117,9 +119,10 @@ def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad
     tiny, big = _precision_limits(cdtype)
     outputs = [pointer(t) for t in (loss, v, *(factors or (None, None)), redo)]
     head = (pointer(z), pointer(target), int(y_real), *outputs, num_classes, length, *strides)
+    tail = (delta, tiny, math.exp(big))  # the kernel tests |lse| > big as e^lse against e^big
 
     def call(r0: int, r1: int) -> int:
-        return kernel(*head, delta, tiny, big, r0, r1)
+        return kernel(*head, *tail, r0, r1)
 
     flagged = run_rows(call, rows, num_classes)
     if flagged < 0:  # the kernel could not allocate its scratch memory

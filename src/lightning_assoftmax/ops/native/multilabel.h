@@ -23,25 +23,28 @@
 
 #define LANES 64
 
-/* Loss, gradient factors and redo flag of one row from its reductions. */
+/* Loss, gradient factors and redo flag of one row from its reductions. With a = A e^lse and
+ * b = Bs e^-lse, loss = log1p(a) + log1p(b) = log1p(a + b + ab): one logarithm per row. e^lse is
+ * e^m S; "|lse| > big" is tested on it (a NaN row is never flagged: its NaN must surface). */
 static inline void SFX(finish)(REAL m, REAL S, REAL A, REAL Bs, REAL min_pos, int has_pos,
-                               REAL tiny, REAL big, REAL *loss, REAL *neg_scale,
+                               REAL tiny, REAL ebig, REAL *loss, REAL *neg_scale,
                                REAL *pos_scale, uint8_t *redo) {
-    REAL lse = m + LOGR(S);
-    REAL el = EXPR(lse);
+    REAL el = EXPR(m) * S;
     REAL iel = (REAL)1 / el;
-    REAL l = LOG1PR(A * el) + LOG1PR(Bs * iel);
+    REAL a = A * el, b = Bs * iel;
+    REAL l = LOG1PR(a + b + a * b);
     *loss = l;
     *neg_scale = (REAL)1 / (iel + A);
     *pos_scale = (REAL)1 / (el + Bs);
-    *redo = (uint8_t)((has_pos & (min_pos < tiny)) | (fabs(lse) > big) | (l == INFR));
+    *redo = (uint8_t)((has_pos & (min_pos < tiny)) | (el > ebig) | (el * ebig < (REAL)1) |
+                      (l == INFR));
 }
 
 /* Few classes, or samples contiguous along L: LANES rows at a time, one per vector lane.
  * x and v hold C * LANES REALs, yy C * LANES bytes. */
 static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss, REAL *g, REAL *gn,
                           REAL *gp, uint8_t *redo, long C, long L, long ssb, long ssc, long ssl,
-                          long syb, long syc, long syl, REAL delta, REAL tiny, REAL big, long r0,
+                          long syb, long syc, long syl, REAL delta, REAL tiny, REAL ebig, long r0,
                           long r1, REAL *x, REAL *v, uint8_t *yy) {
     long count = 0;
     long os[LANES], oy[LANES], og[LANES];
@@ -135,7 +138,7 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
             for (long j = 0; j < LANES; j++) {
                 REAL p = vc[j] * iS[j];
                 int pos = yc[j];
-                int keep_neg = !pos & ((npos[j] == 0) | !(min_pos[j] - p > delta));
+                int keep_neg = (!pos) & ((npos[j] == 0) | !(min_pos[j] - p > delta));
                 int keep_pos = pos & ((npos[j] == C) | !(p - max_neg[j] > delta));
                 REAL ip = (REAL)1 / p;
                 A[j] += keep_neg ? p : (REAL)0;
@@ -145,7 +148,7 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
         }
 #pragma omp simd
         for (long j = 0; j < LANES; j++) {
-            SFX(finish)(m[j], S[j], A[j], Bs[j], min_pos[j], npos[j] > 0, tiny, big, &lo[j], &sn[j],
+            SFX(finish)(m[j], S[j], A[j], Bs[j], min_pos[j], npos[j] > 0, tiny, ebig, &lo[j], &sn[j],
                         &sp[j], &rd[j]);
         }
         for (long j = 0; j < n; j++) {
@@ -173,10 +176,10 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
 }
 
 /* Many classes: one row at a time; the row is read in place when its classes are contiguous.
- * xbuf and v hold C REALs (v may be g's row when it is contiguous), ybuf C bytes. */
+ * xbuf and vbuf hold C REALs (v is g's row when that is contiguous), ybuf C bytes. */
 static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, REAL *g, REAL *gn,
                          REAL *gp, uint8_t *redo, long C, long L, long ssb, long ssc, long ssl,
-                         long syb, long syc, long syl, REAL delta, REAL tiny, REAL big, long r0,
+                         long syb, long syc, long syl, REAL delta, REAL tiny, REAL ebig, long r0,
                          long r1, REAL *xbuf, REAL *vbuf, uint8_t *ybuf) {
     long count = 0;
     for (long r = r0; r < r1; r++) {
@@ -226,7 +229,7 @@ static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, 
         for (long c = 0; c < C; c++) {
             REAL p = v[c] * iS;
             int pos = yr[c] != 0;
-            int keep_neg = !pos & ((npos == 0) | !(min_pos - p > delta));
+            int keep_neg = (!pos) & ((npos == 0) | !(min_pos - p > delta));
             int keep_pos = pos & ((npos == C) | !(p - max_neg > delta));
             REAL ip = (REAL)1 / p;
             A += keep_neg ? p : (REAL)0;
@@ -235,7 +238,7 @@ static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, 
         }
         REAL sn, sp;
         uint8_t rd;
-        SFX(finish)(m, S, A, Bs, min_pos, npos > 0, tiny, big, &loss[r], &sn, &sp, &rd);
+        SFX(finish)(m, S, A, Bs, min_pos, npos > 0, tiny, ebig, &loss[r], &sn, &sp, &rd);
         redo[r] = rd;
         count += rd;
         if (g) {
@@ -255,18 +258,20 @@ static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, 
  * memory could not be allocated. */
 long SFX(multilabel)(const REAL *s, const void *y, int y_real, REAL *loss, REAL *g, REAL *gn, REAL *gp,
                      uint8_t *redo, long C, long L, long ssb, long ssc, long ssl, long syb,
-                     long syc, long syl, double delta, double tiny, double big, long r0,
+                     long syc, long syl, double delta, double tiny, double ebig, long r0,
                      long r1) {
-    int lanes = C <= 32 || (ssl == 1 && L >= LANES && C <= 4096);
+    /* Below ~200 classes a row is too short for its vector loops; tiles of LANES rows are
+     * faster even though rows are then gathered and scattered. */
+    int lanes = C < 200 || (ssl == 1 && L >= LANES && C <= 4096);
     long width = lanes ? C * LANES : C;
     REAL *buf = (REAL *)malloc((size_t)width * (2 * sizeof(REAL) + 1));
     if (!buf) return -1;
     uint8_t *ybuf = (uint8_t *)(buf + 2 * width);
     long count = lanes ? SFX(ml_lanes)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb, syc,
-                                       syl, (REAL)delta, (REAL)tiny, (REAL)big, r0, r1, buf,
+                                       syl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1, buf,
                                        buf + width, ybuf)
                        : SFX(ml_rows)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb, syc,
-                                      syl, (REAL)delta, (REAL)tiny, (REAL)big, r0, r1, buf,
+                                      syl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1, buf,
                                       buf + width, ybuf);
     free(buf);
     return count;
