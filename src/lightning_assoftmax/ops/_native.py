@@ -202,5 +202,6 @@ def count_not_binary(t: Tensor) -> int | None:
     return fn(pointer(t), t.numel())
 
 
-def pointer(t: Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
+def pointer(t: Tensor | None) -> int | None:
+    """The address of a tensor's first element for a ``c_void_p`` argument (``None``: NULL)."""
+    return t.data_ptr() if t is not None else None

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_assoftmax.ops import _native
 from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
 from lightning_assoftmax.ops._native import native_library, pointer, run_rows
 from lightning_assoftmax.ops.single_label import compute_dtype
@@ -109,12 +110,12 @@ def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad
         num_classes, length = z.shape[1], 1
         strides = (*z.stride(), 0, *target.stride(), 0)
     rows = layout.num_rows
-    loss = torch.empty(rows, dtype=cdtype)
+    loss = torch.empty(rows, dtype=cdtype)  # not a view: callers may modify it in place
     redo = torch.empty(rows, dtype=torch.uint8)
     v, factors = None, None
     if need_grad:
         v = layout.new_out(cdtype)
-        factors = (torch.empty(rows, dtype=cdtype), torch.empty(rows, dtype=cdtype))
+        factors = tuple(torch.empty(2, rows, dtype=cdtype))  # the two factors, one allocation
     kernel = lib.multilabel_f64 if cdtype == torch.float64 else lib.multilabel_f32
     tiny, big = _precision_limits(cdtype)
     outputs = [pointer(t) for t in (loss, v, *(factors or (None, None)), redo)]
@@ -138,7 +139,7 @@ def _apply_factors(
     ``grad_loss`` is one value per row; entries with ``v = 0`` (masked terms) get exactly 0
     whatever it holds.
     """
-    lib = native_library()
+    lib = _native._state["lib"]  # loaded: the forward pass that made v ran the kernel
     kernel = lib.ml_scale_f64 if v.dtype == torch.float64 else lib.ml_scale_f32
     length = v.shape[2] if v.dim() == 3 else 1
     grad_loss = grad_loss.reshape(-1).contiguous()  # e.g. the expanded gradient of a sum
