@@ -111,7 +111,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in ("f32", "f64"):
         fn = getattr(lib, f"multilabel_{suffix}")
         fn.restype = i64
-        fn.argtypes = [ptr, ptr, i32] + [ptr] * 5 + [i64] * 8 + [f64] * 3 + [i64] * 2
+        fn.argtypes = [ptr, ptr, i32] + [ptr] * 5 + [i64] * 11 + [f64] * 3 + [i64] * 2
         fn = getattr(lib, f"ml_scale_{suffix}")
         fn.restype = None
         fn.argtypes = [ptr] * 5 + [i64] * 4

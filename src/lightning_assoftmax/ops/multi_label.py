@@ -103,23 +103,33 @@ def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad
         if target.dtype not in (torch.bool, torch.uint8):
             target = target != 0
         target = target.view(torch.uint8)
+    rows = layout.num_rows
     if z.dim() == 3:
         num_classes, length = z.shape[1:]
         strides = (*z.stride(), *target.stride())
     else:
-        num_classes, length = z.shape[1], 1
-        strides = (*z.stride(), 0, *target.stride(), 0)
-    rows = layout.num_rows
+        # (M, C) rows are sample l of a single (1, C, M) "batch": a tile of rows is then evenly
+        # spaced in memory, which the kernel reads without an offset table.
+        num_classes, length = z.shape[1], rows
+        strides = (0, z.stride(1), z.stride(0), 0, target.stride(1), target.stride(0))
     loss = torch.empty(rows, dtype=cdtype)  # not a view: callers may modify it in place
     redo = torch.empty(rows, dtype=torch.uint8)
     v, factors = None, None
+    grad_strides = (0, 0, 0)
     if need_grad:
-        v = layout.new_out(cdtype)
+        if layout.transposed:
+            # (M, C) logits with few classes are read as (1, C, M), but their gradient is written
+            # as (M, C) rows: returned as it is, it needs no transposing copy in autograd.
+            v = torch.empty(layout.shape, dtype=cdtype)
+        else:
+            v = layout.new_out(cdtype)
         factors = tuple(torch.empty(2, rows, dtype=cdtype))  # the two factors, one allocation
+        grad_strides = v.stride() if v.dim() == 3 else (0, 1, num_classes)
     kernel = lib.multilabel_f64 if cdtype == torch.float64 else lib.multilabel_f32
     tiny, big = _precision_limits(cdtype)
     outputs = [pointer(t) for t in (loss, v, *(factors or (None, None)), redo)]
     head = (pointer(z), pointer(target), int(y_real), *outputs, num_classes, length, *strides)
+    head = (*head, *grad_strides)
     tail = (delta, tiny, math.exp(big))  # the kernel tests |lse| > big as e^lse against e^big
 
     def call(r0: int, r1: int) -> int:
@@ -180,7 +190,10 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         row_loss, row_grad = _exact_rows(rows, positive, delta)
         loss[idx] = row_loss
         if out is not None:
-            layout.set_rows(out, idx, row_grad.to(out.dtype))
+            if _rows_major(layout, out):
+                out[idx] = row_grad.to(out.dtype)
+            else:
+                layout.set_rows(out, idx, row_grad.to(out.dtype))
             if factors is not None:  # the exact rows are gradients already
                 for factor in factors:
                     factor[idx] = 1.0
@@ -190,6 +203,15 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         out = _apply_factors(layout, out, *factors, ones, out=out).to(logits.dtype)
         factors = None
     return loss, out, factors, layout
+
+
+def _rows_major(layout: BlockLayout, grad: Tensor) -> bool:
+    """Whether a gradient buffer is ``(M, C)`` rows while the layout walks columns (C kernel)."""
+    return layout.columns and grad.dim() == 2
+
+
+def _to_input_layout(layout: BlockLayout, grad: Tensor) -> Tensor:
+    return grad if _rows_major(layout, grad) else layout.to_input_layout(grad)
 
 
 def _torch_forward(
@@ -295,9 +317,9 @@ class _FusedMultiLabelASSoftmax(torch.autograd.Function):
             target = torch.empty_like(out) if graph_is_kept() else out
             grad = _apply_factors(layout, out, *extra, grad_loss, out=target)
         else:
-            scale = torch.where(extra[0], grad_loss, 0.0).reshape(layout.row_shape)
-            grad = scale_rows(out, scale)
-        return layout.to_input_layout(grad), None, None
+            shape = (-1, 1) if _rows_major(layout, out) else layout.row_shape
+            grad = scale_rows(out, torch.where(extra[0], grad_loss, 0.0).reshape(shape))
+        return _to_input_layout(layout, grad), None, None
 
 
 def multilabel_as_softmax_rows_loss(logits: Tensor, target: Tensor, delta: float) -> Tensor:

@@ -18,10 +18,15 @@
  * NaN comparisons are false, so a row with a NaN (or +inf, whose softmax is NaN) keeps every
  * term and its NaN surfaces. Rows where the shortcut loses digits (a positive with p < tiny,
  * |lse| > big, or an infinite loss) are flagged in `redo` for the exact path of the caller.
- * v is contiguous in the (B, C, L) layout: (b, c, l) at (b * C + c) * L + l.
+ * v has its own strides (gsb, gsc, gsl); the backward pass (ml_scale) reads it as contiguous
+ * (B, C, L) or, with L = 1, as contiguous (rows, C).
  */
 
 #define LANES 64
+#ifndef LANES_MAX_C
+#define LANES_MAX_C 128
+#endif
+#define BLOCK 16 /* rows per block of the tile transposes */
 
 /* Loss, gradient factors and redo flag of one row from its reductions. With a = A e^lse and
  * b = Bs e^-lse, loss = log1p(a) + log1p(b) = log1p(a + b + ab): one logarithm per row. e^lse is
@@ -44,10 +49,10 @@ static inline void SFX(finish)(REAL m, REAL S, REAL A, REAL Bs, REAL min_pos, in
  * x and v hold C * LANES REALs, yy C * LANES bytes. */
 static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss, REAL *g, REAL *gn,
                           REAL *gp, uint8_t *redo, long C, long L, long ssb, long ssc, long ssl,
-                          long syb, long syc, long syl, REAL delta, REAL tiny, REAL ebig, long r0,
+                          long syb, long syc, long syl, long gsb, long gsc, long gsl, REAL delta, REAL tiny, REAL ebig, long r0,
                           long r1, REAL *x, REAL *v, uint8_t *yy) {
     long count = 0;
-    long os[LANES], oy[LANES], og[LANES];
+    long os[LANES], oy[LANES], og[LANES], ol[LANES];
     REAL m[LANES], S[LANES], iS[LANES], min_pos[LANES], max_neg[LANES], A[LANES], Bs[LANES];
     REAL lo[LANES], sn[LANES], sp[LANES];
     int npos[LANES], bad[LANES];
@@ -58,33 +63,49 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
         for (long j = 0; j < n; j++) {
             os[j] = b * ssb + l * ssl;
             oy[j] = b * syb + l * syl;
-            og[j] = b * C * L + l;
+            og[j] = b * gsb + l * gsl;
+            ol[j] = l;
             if (++l == L) {
                 l = 0;
                 b++;
             }
         }
-        /* Load the tile class-major (padding lanes repeat row t0 and are never stored). */
-        int unit = ssl == 1 && os[n - 1] - os[0] == n - 1;
+        /* Load the tile class-major (padding lanes repeat row t0 and are never stored). Within
+         * one b the rows are evenly spaced: strided loads, no offset table, in blocks of BLOCK
+         * rows so that the rows being read stay in L1 cache while all classes are visited. */
+        int one_b = ol[n - 1] - ol[0] == n - 1;
+        for (long j0 = 0; j0 < n; j0 += BLOCK) {
+            long j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+            for (long c = 0; c < C; c++) {
+                REAL *xc = x + c * LANES;
+                uint8_t *yc = yy + c * LANES;
+                if (one_b) {
+                    const REAL *sc = s + os[0] + c * ssc;
+                    for (long j = j0; j < j1; j++) xc[j] = sc[j * ssl];
+                } else {
+                    for (long j = j0; j < j1; j++) xc[j] = s[os[j] + c * ssc];
+                }
+                if (y_real) {
+                    const REAL *y = (const REAL *)yv + c * syc;
+                    if (one_b) {
+                        for (long j = j0; j < j1; j++) yc[j] = y[oy[0] + j * syl] != 0;
+                    } else {
+                        for (long j = j0; j < j1; j++) yc[j] = y[oy[j]] != 0;
+                    }
+                } else {
+                    const uint8_t *y = (const uint8_t *)yv + c * syc;
+                    if (one_b) {
+                        for (long j = j0; j < j1; j++) yc[j] = y[oy[0] + j * syl] != 0;
+                    } else {
+                        for (long j = j0; j < j1; j++) yc[j] = y[oy[j]] != 0;
+                    }
+                }
+            }
+        }
         for (long c = 0; c < C; c++) {
-            REAL *xc = x + c * LANES;
-            uint8_t *yc = yy + c * LANES;
-            if (unit) {
-                const REAL *sc = s + os[0] + c * ssc;
-                for (long j = 0; j < n; j++) xc[j] = sc[j];
-            } else {
-                for (long j = 0; j < n; j++) xc[j] = s[os[j] + c * ssc];
-            }
-            if (y_real) {
-                const REAL *y = (const REAL *)yv + c * syc;
-                for (long j = 0; j < n; j++) yc[j] = y[oy[j]] != 0;
-            } else {
-                const uint8_t *y = (const uint8_t *)yv + c * syc;
-                for (long j = 0; j < n; j++) yc[j] = y[oy[j]] != 0;
-            }
             for (long j = n; j < LANES; j++) {
-                xc[j] = xc[0];
-                yc[j] = yc[0];
+                x[c * LANES + j] = x[c * LANES];
+                yy[c * LANES + j] = yy[c * LANES];
             }
         }
         for (long j = 0; j < LANES; j++) {
@@ -161,13 +182,18 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
                 gn[t0 + j] = sn[j];
                 gp[t0 + j] = sp[j];
             }
-            int contiguous = og[n - 1] - og[0] == n - 1;
-            for (long c = 0; c < C; c++) {
-                const REAL *vc = v + c * LANES;
-                if (contiguous) {
-                    memcpy(g + og[0] + c * L, vc, (size_t)n * sizeof(REAL));
-                } else {
-                    for (long j = 0; j < n; j++) g[og[j] + c * L] = vc[j];
+            for (long j0 = 0; j0 < n; j0 += BLOCK) {
+                long j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+                for (long c = 0; c < C; c++) {
+                    const REAL *vc = v + c * LANES;
+                    if (one_b && gsl == 1) {
+                        memcpy(g + og[0] + c * gsc + j0, vc + j0, (size_t)(j1 - j0) * sizeof(REAL));
+                    } else if (one_b) {
+                        REAL *gc = g + og[0] + c * gsc;
+                        for (long j = j0; j < j1; j++) gc[j * gsl] = vc[j];
+                    } else {
+                        for (long j = j0; j < j1; j++) g[og[j] + c * gsc] = vc[j];
+                    }
                 }
             }
         }
@@ -176,48 +202,75 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
 }
 
 /* Many classes: one row at a time; the row is read in place when its classes are contiguous.
- * xbuf and vbuf hold C REALs (v is g's row when that is contiguous), ybuf C bytes. */
+ * The vector loops run over the first C - C % TAIL classes (a whole number of vectors); the last
+ * C % TAIL classes go through a TAIL-long chunk padded with -inf logits and negative labels,
+ * which change no sum or extreme, so no class runs in a scalar remainder loop.
+ * xbuf, vbuf and yrow hold C REALs (v is g's row when that is contiguous). */
+#define TAIL 16
 static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, REAL *g, REAL *gn,
                          REAL *gp, uint8_t *redo, long C, long L, long ssb, long ssc, long ssl,
-                         long syb, long syc, long syl, REAL delta, REAL tiny, REAL ebig, long r0,
-                         long r1, REAL *xbuf, REAL *vbuf, uint8_t *ybuf) {
+                         long syb, long syc, long syl, long gsb, long gsc, long gsl, REAL delta,
+                         REAL tiny, REAL ebig, long r0, long r1, REAL *xbuf, REAL *vbuf,
+                         REAL *yrow) {
     long count = 0;
+    long full = C - C % TAIL, tail = C - full;
+    REAL xt[TAIL], vt[TAIL], yt[TAIL];
     for (long r = r0; r < r1; r++) {
         long b = r / L, l = r - b * L;
         const REAL *x = s + b * ssb + l * ssl;
-        REAL *v = g && L == 1 ? g + b * C : vbuf;
+        REAL *v = g && gsc == 1 ? g + b * gsb + l * gsl : vbuf;
         if (ssc != 1) {
             for (long c = 0; c < C; c++) xbuf[c] = x[c * ssc];
             x = xbuf;
         }
-        const uint8_t *yr = ybuf;
+        /* Labels as REAL 0/1: mixing byte and float lanes would narrow the vector loops. */
         if (y_real) {
             const REAL *y = (const REAL *)yv + b * syb + l * syl;
-            for (long c = 0; c < C; c++) ybuf[c] = y[c * syc] != 0;
-        } else if (syc != 1) {
-            const uint8_t *y = (const uint8_t *)yv + b * syb + l * syl;
-            for (long c = 0; c < C; c++) ybuf[c] = y[c * syc];
+            for (long c = 0; c < C; c++) yrow[c] = y[c * syc] != 0;
         } else {
-            yr = (const uint8_t *)yv + b * syb + l * syl;
+            const uint8_t *y = (const uint8_t *)yv + b * syb + l * syl;
+            for (long c = 0; c < C; c++) yrow[c] = y[c * syc] != 0;
+        }
+        const REAL *yr = yrow;
+        for (long i = 0; i < TAIL; i++) {
+            xt[i] = i < tail ? x[full + i] : -INFR;
+            yt[i] = i < tail ? yr[full + i] : 0;
         }
         REAL m = -INFR;
         int bad = 0, npos = 0;
 #pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : npos)
-        for (long c = 0; c < C; c++) {
+        for (long c = 0; c < full; c++) {
             REAL t = x[c];
             m = t > m ? t : m;
             bad |= t != t;
             npos += yr[c] != 0;
         }
+#pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : npos)
+        for (long i = 0; i < TAIL; i++) {
+            REAL t = xt[i];
+            m = t > m ? t : m;
+            bad |= t != t;
+            npos += yt[i] != 0;
+        }
         m = bad ? (REAL)NAN : m;
         REAL S = 0, min_pos = INFR, max_neg = 0;
 #pragma omp simd reduction(+ : S) reduction(min : min_pos) reduction(max : max_neg)
-        for (long c = 0; c < C; c++) {
+        for (long c = 0; c < full; c++) {
             REAL e = EXPR(x[c] - m);
             v[c] = e;
             S += e;
-            REAL mp = yr[c] ? e : INFR;
-            REAL mq = yr[c] ? (REAL)0 : e;
+            REAL mp = yr[c] != 0 ? e : INFR;
+            REAL mq = yr[c] != 0 ? (REAL)0 : e;
+            min_pos = mp < min_pos ? mp : min_pos;
+            max_neg = mq > max_neg ? mq : max_neg;
+        }
+#pragma omp simd reduction(+ : S) reduction(min : min_pos) reduction(max : max_neg)
+        for (long i = 0; i < TAIL; i++) {
+            REAL e = EXPR(xt[i] - m);
+            vt[i] = e;
+            S += e;
+            REAL mp = yt[i] != 0 ? e : INFR;
+            REAL mq = yt[i] != 0 ? (REAL)0 : e;
             min_pos = mp < min_pos ? mp : min_pos;
             max_neg = mq > max_neg ? mq : max_neg;
         }
@@ -226,7 +279,7 @@ static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, 
         max_neg = max_neg * iS;
         REAL A = 0, Bs = 0;
 #pragma omp simd reduction(+ : A, Bs)
-        for (long c = 0; c < C; c++) {
+        for (long c = 0; c < full; c++) {
             REAL p = v[c] * iS;
             int pos = yr[c] != 0;
             int keep_neg = (!pos) & ((npos == 0) | !(min_pos - p > delta));
@@ -236,6 +289,18 @@ static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, 
             Bs += keep_pos ? ip : (REAL)0;
             v[c] = keep_neg ? p : (keep_pos ? -ip : (REAL)0);
         }
+#pragma omp simd reduction(+ : A, Bs)
+        for (long i = 0; i < TAIL; i++) {
+            REAL p = vt[i] * iS;
+            int pos = yt[i] != 0;
+            int keep_neg = (!pos) & ((npos == 0) | !(min_pos - p > delta));
+            int keep_pos = pos & ((npos == C) | !(p - max_neg > delta));
+            REAL ip = (REAL)1 / p;
+            A += keep_neg ? p : (REAL)0;
+            Bs += keep_pos ? ip : (REAL)0;
+            vt[i] = keep_neg ? p : (keep_pos ? -ip : (REAL)0);
+        }
+        for (long i = 0; i < tail; i++) v[full + i] = vt[i];
         REAL sn, sp;
         uint8_t rd;
         SFX(finish)(m, S, A, Bs, min_pos, npos > 0, tiny, ebig, &loss[r], &sn, &sp, &rd);
@@ -245,34 +310,37 @@ static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, 
             gn[r] = sn;
             gp[r] = sp;
             if (v == vbuf) {
-                REAL *gr = g + b * C * L + l;
-                for (long c = 0; c < C; c++) gr[c * L] = v[c];
+                REAL *gr = g + b * gsb + l * gsl;
+                for (long c = 0; c < C; c++) gr[c * gsc] = v[c];
             }
         }
     }
     return count;
 }
+#undef TAIL
 
 /* Rows r0 <= r < r1. y holds 0/1 labels as bytes (y_real = 0) or as REAL (y_real = 1). g, gn and
  * gp may be NULL (no gradient). Returns the number of rows flagged in redo, or -1 if the scratch
  * memory could not be allocated. */
 long SFX(multilabel)(const REAL *s, const void *y, int y_real, REAL *loss, REAL *g, REAL *gn, REAL *gp,
                      uint8_t *redo, long C, long L, long ssb, long ssc, long ssl, long syb,
-                     long syc, long syl, double delta, double tiny, double ebig, long r0,
+                     long syc, long syl, long gsb, long gsc, long gsl, double delta, double tiny, double ebig, long r0,
                      long r1) {
-    /* Below ~200 classes a row is too short for its vector loops; tiles of LANES rows are
+    /* Below LANES_MAX_C classes a row is too short for its vector loops; tiles of LANES rows are
      * faster even though rows are then gathered and scattered. */
-    int lanes = C < 200 || (ssl == 1 && L >= LANES && C <= 4096);
+    int lanes = C < LANES_MAX_C || (ssl == 1 && L >= LANES && C <= 4096);
     long width = lanes ? C * LANES : C;
-    REAL *buf = (REAL *)malloc((size_t)width * (2 * sizeof(REAL) + 1));
+    REAL *buf = (REAL *)malloc((size_t)width * 3 * sizeof(REAL));
     if (!buf) return -1;
+    fp_mode mode = flush_subnormals();
     uint8_t *ybuf = (uint8_t *)(buf + 2 * width);
     long count = lanes ? SFX(ml_lanes)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb, syc,
-                                       syl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1, buf,
+                                       syl, gsb, gsc, gsl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1, buf,
                                        buf + width, ybuf)
                        : SFX(ml_rows)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb, syc,
-                                      syl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1, buf,
-                                      buf + width, ybuf);
+                                      syl, gsb, gsc, gsl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1, buf,
+                                      buf + width, buf + 2 * width);
+    restore_fp_mode(mode);
     free(buf);
     return count;
 }
@@ -282,6 +350,24 @@ long SFX(multilabel)(const REAL *s, const void *y, int y_real, REAL *loss, REAL 
  * row) get exactly 0, whatever go is. */
 void SFX(ml_scale)(const REAL *v, REAL *out, const REAL *gn, const REAL *gp, const REAL *go,
                    long C, long L, long r0, long r1) {
+    if (L == 1 && C < 16) {
+        /* Short rows: walk blocks of 16 rows as one flat run of 16 C entries, each reading its
+         * row's factors through a table of row numbers (a vector gather, no division). */
+        int row_of[16 * 16];
+        for (int k = 0; k < 16 * C; k++) row_of[k] = k / (int)C;
+        long r = r0;
+        for (; r + 16 <= r1; r += 16) {
+            const REAL *vr = v + r * C, *n = gn + r, *p = gp + r, *g = go + r;
+            REAL *o = out + r * C;
+#pragma omp simd
+            for (long k = 0; k < 16 * C; k++) {
+                REAL t = vr[k];
+                int i = row_of[k];
+                o[k] = t == 0 ? (REAL)0 : t * (t < 0 ? p[i] : n[i]) * g[i];
+            }
+        }
+        r0 = r; /* the last rows below */
+    }
     if (L == 1) {
         for (long r = r0; r < r1; r++) {
             const REAL *vr = v + r * C;
@@ -314,3 +400,4 @@ void SFX(ml_scale)(const REAL *v, REAL *out, const REAL *gn, const REAL *gp, con
 }
 
 #undef LANES
+#undef BLOCK
