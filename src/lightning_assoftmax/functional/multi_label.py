@@ -71,7 +71,7 @@ def _loss(logits: Tensor, target: Tensor, delta: float, reduction: str) -> tuple
     elif reduction == "sum":
         out = rows.sum()
     else:
-        out = rows.sum() / max(rows.shape[0], 1)
+        out = rows.mean() if rows.shape[0] else rows.sum()
     return out, rows
 
 

@@ -18,6 +18,7 @@ underflow) are recomputed exactly with per-group shifted exponentials.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -86,9 +87,9 @@ def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad
     """The compiled CPU kernel (see :mod:`._native`), or ``None`` where it does not run.
 
     Returns ``(loss, v, factors, redo)``: with a gradient, ``v`` holds ``p`` on kept negatives,
-    ``-1/p`` on kept positives and 0 elsewhere, and ``factors = (neg_scale, pos_scale)`` per row
-    turn it into the gradient (:func:`_apply_factors`). ``redo`` is ``None`` when no row needs
-    the exact path.
+    ``-1/p`` on kept positives and 0 elsewhere, and ``factors`` (``(2, rows)``: neg_scale and
+    pos_scale per row) turn it into the gradient (:func:`_apply_factors`). ``redo`` is ``None``
+    when no row needs the exact path.
     """
     if layout.z.device.type != "cpu":
         return None
@@ -123,11 +124,12 @@ def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad
             v = torch.empty(layout.shape, dtype=cdtype)
         else:
             v = layout.new_out(cdtype)
-        factors = tuple(torch.empty(2, rows, dtype=cdtype))  # the two factors, one allocation
+        factors = torch.empty(2, rows, dtype=cdtype)  # neg_scale and pos_scale rows
         grad_strides = v.stride() if v.dim() == 3 else (0, 1, num_classes)
     kernel = lib.multilabel_f64 if cdtype == torch.float64 else lib.multilabel_f32
     tiny, big = _precision_limits(cdtype)
-    outputs = [pointer(t) for t in (loss, v, *(factors or (None, None)), redo)]
+    factor_ptrs = _factor_pointers(factors)
+    outputs = (pointer(loss), pointer(v), *factor_ptrs, pointer(redo))
     head = (pointer(z), pointer(target), int(y_real), *outputs, num_classes, length, *strides)
     head = (*head, *grad_strides)
     tail = (delta, tiny, math.exp(big))  # the kernel tests |lse| > big as e^lse against e^big
@@ -141,10 +143,19 @@ def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad
     return loss, v, factors, redo.bool() if flagged else None
 
 
+def _factor_pointers(factors: Tensor | None) -> tuple[int | None, int | None]:
+    """Addresses of the two rows of a contiguous ``(2, rows)`` factor buffer (no view objects)."""
+    if factors is None:
+        return None, None
+    start = factors.data_ptr()
+    return start, start + factors.shape[1] * factors.element_size()
+
+
 def _apply_factors(
-    layout: BlockLayout, v: Tensor, neg: Tensor, pos: Tensor, grad_loss: Tensor, out: Tensor
+    layout: BlockLayout, v: Tensor, factors: Tensor, grad_loss: Tensor, out: Tensor
 ) -> Tensor:
-    """``out = grad_loss * v * (pos if v < 0 else neg)`` per row (``out`` may be ``v``), one C pass.
+    """``out = grad_loss * v * (pos if v < 0 else neg)`` per row (``out`` may be ``v``), one C pass,
+    with ``(neg, pos) = factors``.
 
     ``grad_loss`` is one value per row; entries with ``v = 0`` (masked terms) get exactly 0
     whatever it holds.
@@ -153,8 +164,8 @@ def _apply_factors(
     kernel = lib.ml_scale_f64 if v.dtype == torch.float64 else lib.ml_scale_f32
     length = v.shape[2] if v.dim() == 3 else 1
     grad_loss = grad_loss.reshape(-1).contiguous()  # e.g. the expanded gradient of a sum
-    pointers = [pointer(t) for t in (v, out, neg, pos, grad_loss)]
-    head = (*pointers, layout.num_classes, length)
+    head = (pointer(v), pointer(out), *_factor_pointers(factors), pointer(grad_loss))
+    head = (*head, layout.num_classes, length)
 
     def call(r0: int, r1: int) -> int:
         kernel(*head, r0, r1)
@@ -164,6 +175,7 @@ def _apply_factors(
     return out
 
 
+@functools.cache
 def _precision_limits(cdtype: torch.dtype) -> tuple[float, float]:
     """Below ``tiny`` a positive's ``1/p`` loses digits; above ``big`` ``e^{+-lse}`` may overflow."""
     return torch.finfo(cdtype).tiny ** 0.8, 0.68 * math.log(torch.finfo(cdtype).max)
@@ -195,12 +207,11 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
             else:
                 layout.set_rows(out, idx, row_grad.to(out.dtype))
             if factors is not None:  # the exact rows are gradients already
-                for factor in factors:
-                    factor[idx] = 1.0
+                factors[:, idx] = 1.0
     if factors is not None and out.dtype != logits.dtype:
         # Half inputs: a half buffer cannot hold -1/p, so the gradient is formed here.
         ones = torch.ones((), dtype=out.dtype).expand(layout.num_rows)
-        out = _apply_factors(layout, out, *factors, ones, out=out).to(logits.dtype)
+        out = _apply_factors(layout, out, factors, ones, out=out).to(logits.dtype)
         factors = None
     return loss, out, factors, layout
 
@@ -303,22 +314,22 @@ class _FusedMultiLabelASSoftmax(torch.autograd.Function):
         # A row with loss exactly 0 is a masked sample: its gradient is exactly 0, not round-off.
         # The factors path zeroes it in the C pass (v = 0 there); otherwise a mask is saved (not
         # the loss itself, so callers may modify the loss in place).
-        ctx.save_for_backward(out, *(factors or (loss != 0,)))
+        ctx.save_for_backward(out, loss != 0 if factors is None else factors)
         ctx.layout = layout
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        out, *extra = ctx.saved_tensors
+        out, extra = ctx.saved_tensors
         layout = ctx.layout
-        if len(extra) == 2:
+        if extra.dim() == 2:  # the factors
             # In place unless autograd keeps the graph (see scale_rows).
             target = torch.empty_like(out) if graph_is_kept() else out
-            grad = _apply_factors(layout, out, *extra, grad_loss, out=target)
-        else:
+            grad = _apply_factors(layout, out, extra, grad_loss, out=target)
+        else:  # the rows with a non-zero loss
             shape = (-1, 1) if _rows_major(layout, out) else layout.row_shape
-            grad = scale_rows(out, torch.where(extra[0], grad_loss, 0.0).reshape(shape))
+            grad = scale_rows(out, torch.where(extra, grad_loss, 0.0).reshape(shape))
         return _to_input_layout(layout, grad), None, None
 
 
