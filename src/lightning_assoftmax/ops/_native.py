@@ -109,6 +109,9 @@ def _compile(cc: str, source_dir: Path, target: Path) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, i32, i64, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_double
     for suffix in ("f32", "f64"):
+        fn = getattr(lib, f"singlelabel_{suffix}")
+        fn.restype = i64
+        fn.argtypes = [ptr, ptr, i64] + [ptr] * 4 + [i64] * 8 + [f64] * 2 + [i64] * 2
         fn = getattr(lib, f"multilabel_{suffix}")
         fn.restype = i64
         fn.argtypes = [ptr, ptr, i32] + [ptr] * 5 + [i64] * 11 + [f64] * 3 + [i64] * 2
@@ -186,6 +189,56 @@ def run_rows(call, num_rows: int, num_classes: int) -> int:
     bounds = [num_rows * k // workers for k in range(workers + 1)]
     results = list(_executor(workers).map(call, bounds[:-1], bounds[1:]))
     return -1 if min(results) < 0 else sum(results)
+
+
+def kernel_view(layout, t: Tensor) -> tuple[int, tuple[int, int, int]]:
+    """``(length, strides)`` of a block-layout tensor as the kernels read it: ``(B, C, L)`` with
+    element strides. ``(M, C)`` rows are sample ``l`` of a single ``(1, C, M)`` batch, so that a
+    tile of rows is evenly spaced in memory and read without an offset table."""
+    if t.dim() == 3:
+        return t.shape[2], t.stride()
+    return layout.num_rows, (0, t.stride(1), t.stride(0))
+
+
+def new_gradient(layout, dtype: torch.dtype) -> tuple[Tensor, tuple[int, int, int]]:
+    """The kernels' gradient buffer and its strides. ``(M, C)`` logits with few classes are read
+    as ``(1, C, M)`` but their gradient is written as ``(M, C)`` rows: returned as it is, it needs
+    no transposing copy in autograd (see :func:`to_input_layout`)."""
+    if layout.transposed:
+        grad = torch.empty(layout.shape, dtype=dtype)
+    else:
+        grad = layout.new_out(dtype)
+    return grad, grad.stride() if grad.dim() == 3 else (0, 1, layout.num_classes)
+
+
+def rows_major(layout, grad: Tensor) -> bool:
+    """Whether a gradient buffer is ``(M, C)`` rows while the layout walks columns."""
+    return layout.columns and grad.dim() == 2
+
+
+def to_input_layout(layout, grad: Tensor) -> Tensor:
+    """A gradient buffer (block layout, or rows from :func:`new_gradient`) shaped like the logits."""
+    return grad if rows_major(layout, grad) else layout.to_input_layout(grad)
+
+
+def scale_by_rows(
+    layout, v: Tensor, neg: int, pos: int, grad_loss: Tensor, out: Tensor
+) -> Tensor:
+    """``out = grad_loss * v * (pos if v < 0 else neg)`` per row in one C pass (``out`` may be
+    ``v``); ``neg`` and ``pos`` are addresses of per-row factor arrays. Entries with ``v = 0``
+    get exactly 0, whatever ``grad_loss`` holds."""
+    lib = _state["lib"]  # loaded: the forward pass that made v ran a kernel
+    kernel = lib.ml_scale_f64 if v.dtype == torch.float64 else lib.ml_scale_f32
+    length = v.shape[2] if v.dim() == 3 else 1
+    grad_loss = grad_loss.reshape(-1).contiguous()  # e.g. the expanded gradient of a sum
+    head = (pointer(v), pointer(out), neg, pos, pointer(grad_loss), layout.num_classes, length)
+
+    def call(r0: int, r1: int) -> int:
+        kernel(*head, r0, r1)
+        return 0
+
+    run_rows(call, layout.num_rows, layout.num_classes)
+    return out
 
 
 def count_not_binary(t: Tensor) -> int | None:

@@ -24,9 +24,17 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops import _native
 from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
-from lightning_assoftmax.ops._native import native_library, pointer, run_rows
+from lightning_assoftmax.ops._native import (
+    kernel_view,
+    native_library,
+    new_gradient,
+    pointer,
+    rows_major,
+    run_rows,
+    scale_by_rows,
+    to_input_layout,
+)
 from lightning_assoftmax.ops.single_label import compute_dtype
 
 __all__ = ["multilabel_as_softmax_keep", "multilabel_as_softmax_rows_loss"]
@@ -105,27 +113,16 @@ def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad
             target = target != 0
         target = target.view(torch.uint8)
     rows = layout.num_rows
-    if z.dim() == 3:
-        num_classes, length = z.shape[1:]
-        strides = (*z.stride(), *target.stride())
-    else:
-        # (M, C) rows are sample l of a single (1, C, M) "batch": a tile of rows is then evenly
-        # spaced in memory, which the kernel reads without an offset table.
-        num_classes, length = z.shape[1], rows
-        strides = (0, z.stride(1), z.stride(0), 0, target.stride(1), target.stride(0))
+    num_classes = layout.num_classes
+    length, z_strides = kernel_view(layout, z)
+    strides = (*z_strides, *kernel_view(layout, target)[1])
     loss = torch.empty(rows, dtype=cdtype)  # not a view: callers may modify it in place
     redo = torch.empty(rows, dtype=torch.uint8)
     v, factors = None, None
     grad_strides = (0, 0, 0)
     if need_grad:
-        if layout.transposed:
-            # (M, C) logits with few classes are read as (1, C, M), but their gradient is written
-            # as (M, C) rows: returned as it is, it needs no transposing copy in autograd.
-            v = torch.empty(layout.shape, dtype=cdtype)
-        else:
-            v = layout.new_out(cdtype)
+        v, grad_strides = new_gradient(layout, cdtype)
         factors = torch.empty(2, rows, dtype=cdtype)  # neg_scale and pos_scale rows
-        grad_strides = v.stride() if v.dim() == 3 else (0, 1, num_classes)
     kernel = lib.multilabel_f64 if cdtype == torch.float64 else lib.multilabel_f32
     tiny, big = _precision_limits(cdtype)
     factor_ptrs = _factor_pointers(factors)
@@ -154,25 +151,8 @@ def _factor_pointers(factors: Tensor | None) -> tuple[int | None, int | None]:
 def _apply_factors(
     layout: BlockLayout, v: Tensor, factors: Tensor, grad_loss: Tensor, out: Tensor
 ) -> Tensor:
-    """``out = grad_loss * v * (pos if v < 0 else neg)`` per row (``out`` may be ``v``), one C pass,
-    with ``(neg, pos) = factors``.
-
-    ``grad_loss`` is one value per row; entries with ``v = 0`` (masked terms) get exactly 0
-    whatever it holds.
-    """
-    lib = _native._state["lib"]  # loaded: the forward pass that made v ran the kernel
-    kernel = lib.ml_scale_f64 if v.dtype == torch.float64 else lib.ml_scale_f32
-    length = v.shape[2] if v.dim() == 3 else 1
-    grad_loss = grad_loss.reshape(-1).contiguous()  # e.g. the expanded gradient of a sum
-    head = (pointer(v), pointer(out), *_factor_pointers(factors), pointer(grad_loss))
-    head = (*head, layout.num_classes, length)
-
-    def call(r0: int, r1: int) -> int:
-        kernel(*head, r0, r1)
-        return 0
-
-    run_rows(call, layout.num_rows, layout.num_classes)
-    return out
+    """``out = grad_loss * v * (pos if v < 0 else neg)`` per row, ``(neg, pos) = factors``."""
+    return scale_by_rows(layout, v, *_factor_pointers(factors), grad_loss, out)
 
 
 @functools.cache
@@ -202,7 +182,7 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         row_loss, row_grad = _exact_rows(rows, positive, delta)
         loss[idx] = row_loss
         if out is not None:
-            if _rows_major(layout, out):
+            if rows_major(layout, out):
                 out[idx] = row_grad.to(out.dtype)
             else:
                 layout.set_rows(out, idx, row_grad.to(out.dtype))
@@ -214,15 +194,6 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
         out = _apply_factors(layout, out, factors, ones, out=out).to(logits.dtype)
         factors = None
     return loss, out, factors, layout
-
-
-def _rows_major(layout: BlockLayout, grad: Tensor) -> bool:
-    """Whether a gradient buffer is ``(M, C)`` rows while the layout walks columns (C kernel)."""
-    return layout.columns and grad.dim() == 2
-
-
-def _to_input_layout(layout: BlockLayout, grad: Tensor) -> Tensor:
-    return grad if _rows_major(layout, grad) else layout.to_input_layout(grad)
 
 
 def _torch_forward(
@@ -328,9 +299,9 @@ class _FusedMultiLabelASSoftmax(torch.autograd.Function):
             target = torch.empty_like(out) if graph_is_kept() else out
             grad = _apply_factors(layout, out, extra, grad_loss, out=target)
         else:  # the rows with a non-zero loss
-            shape = (-1, 1) if _rows_major(layout, out) else layout.row_shape
+            shape = (-1, 1) if rows_major(layout, out) else layout.row_shape
             grad = scale_rows(out, torch.where(extra, grad_loss, 0.0).reshape(shape))
-        return _to_input_layout(layout, grad), None, None
+        return to_input_layout(layout, grad), None, None
 
 
 def multilabel_as_softmax_rows_loss(logits: Tensor, target: Tensor, delta: float) -> Tensor:

@@ -24,7 +24,16 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops._blocks import BlockLayout, scale_rows, scratch
+from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
+from lightning_assoftmax.ops._native import (
+    kernel_view,
+    native_library,
+    new_gradient,
+    pointer,
+    run_rows,
+    scale_by_rows,
+    to_input_layout,
+)
 
 __all__ = ["as_softmax_keep_threshold", "as_softmax_rows_loss", "compute_dtype"]
 
@@ -40,6 +49,45 @@ def as_softmax_keep_threshold(p_target: Tensor, delta: float) -> Tensor:
     The one source of the decision rule, shared by the loss kernel and the keep mask.
     """
     return p_target - delta
+
+
+def _native_forward(
+    layout: BlockLayout, target: Tensor, delta: float, ignore_index: int, need_grad: bool
+):
+    """The compiled CPU kernel (see :mod:`._native`) for float32/float64 logits, or ``None``.
+
+    Returns ``(loss, valid, v, factor)``: ``v`` holds the kept probabilities and ``p_t - K`` at
+    the target, ``factor`` is ``1/K`` per row (0 where the loss is exactly 0 or ignored).
+    """
+    z = layout.z
+    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
+        return None
+    lib = native_library()
+    if lib is None or not -(2**63) <= ignore_index < 2**63:
+        return None
+    rows = layout.num_rows
+    flat_target = target.reshape(-1)
+    if flat_target.dtype != torch.int64 or not flat_target.is_contiguous():
+        flat_target = flat_target.to(torch.int64).contiguous()
+    length, strides = kernel_view(layout, z)
+    loss = torch.empty(rows, dtype=z.dtype)  # not a view: callers may modify it in place
+    valid = torch.empty(rows, dtype=torch.bool)
+    v, factor, grad_strides = None, None, (0, 0, 0)
+    if need_grad:
+        v, grad_strides = new_gradient(layout, z.dtype)
+        factor = torch.empty(rows, dtype=z.dtype)
+    kernel = lib.singlelabel_f64 if z.dtype == torch.float64 else lib.singlelabel_f32
+    tiny = torch.finfo(z.dtype).tiny ** 0.8
+    head = (pointer(z), pointer(flat_target), ignore_index, pointer(loss), pointer(valid))
+    head = (*head, pointer(v), pointer(factor), layout.num_classes, length, *strides)
+    head = (*head, *grad_strides, delta, tiny)
+
+    def call(r0: int, r1: int) -> int:
+        return kernel(*head, r0, r1)
+
+    if run_rows(call, rows, layout.num_classes) < 0:  # no scratch memory
+        return None
+    return loss, valid, v, factor
 
 
 def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad: bool):
@@ -124,7 +172,15 @@ class _FusedASSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, delta: float, ignore_index: int):
-        loss, valid, out, inv_mass, layout = _forward(logits, target, delta, ignore_index, True)
+        layout = BlockLayout(logits)
+        native = _native_forward(layout, target, delta, ignore_index, True)
+        if native is not None:
+            loss, valid, out, inv_mass = native
+        else:
+            loss, valid, out, inv_mass, layout = _forward(
+                logits, target, delta, ignore_index, True
+            )
+        ctx.native = native is not None
         ctx.save_for_backward(out, inv_mass)
         ctx.layout = layout
         ctx.mark_non_differentiable(valid)
@@ -135,6 +191,12 @@ class _FusedASSoftmax(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor, _grad_valid: Tensor | None):
         out, inv_mass = ctx.saved_tensors
         layout = ctx.layout
+        if ctx.native:
+            # One C pass; in place unless autograd keeps the graph (see scale_rows).
+            target = torch.empty_like(out) if graph_is_kept() else out
+            factor = inv_mass.data_ptr()
+            grad = scale_by_rows(layout, out, factor, factor, grad_loss, target)
+            return to_input_layout(layout, grad), None, None, None
         scale = (grad_loss.to(inv_mass.dtype) * inv_mass).reshape(layout.row_shape)
         grad = scale_rows(out, scale)
         return layout.to_input_layout(grad), None, None, None
@@ -156,5 +218,8 @@ def as_softmax_rows_loss(
     if logits.requires_grad and torch.is_grad_enabled():
         return _FusedASSoftmax.apply(logits, target, delta, ignore_index)
     with torch.no_grad():
+        native = _native_forward(BlockLayout(logits), target, delta, ignore_index, False)
+        if native is not None:
+            return native[0], native[1]
         loss, valid, _, _, _ = _forward(logits, target, delta, ignore_index, False)
     return loss, valid

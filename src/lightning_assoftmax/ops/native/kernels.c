@@ -105,6 +105,14 @@ static inline float log1p_f32(float a) {
     return a == INFINITY ? a : r;
 }
 
+/* Rows per tile of the lanes kernels (one row per vector lane), rows per block of their tile
+ * transposes, and the label count from which rows are processed one at a time instead. */
+#define LANES 64
+#define BLOCK 16
+#ifndef LANES_MAX_C
+#define LANES_MAX_C 128
+#endif
+
 #define REAL float
 #define SFX(name) name##_f32
 #define EXPR exp_f32
@@ -112,6 +120,7 @@ static inline float log1p_f32(float a) {
 #define LOG1PR log1p_f32
 #define INFR INFINITY
 #include "multilabel.h"
+#include "singlelabel.h"
 #undef REAL
 #undef SFX
 #undef EXPR
@@ -127,6 +136,7 @@ static inline float log1p_f32(float a) {
 #define LOG1PR log1p
 #define INFR ((double)INFINITY)
 #include "multilabel.h"
+#include "singlelabel.h"
 
 /* How many of the n contiguous labels are neither 0 nor 1 (NaN counts). */
 long not_binary_f32(const float *y, long n) {

@@ -22,12 +22,6 @@
  * (B, C, L) or, with L = 1, as contiguous (rows, C).
  */
 
-#define LANES 64
-#ifndef LANES_MAX_C
-#define LANES_MAX_C 128
-#endif
-#define BLOCK 16 /* rows per block of the tile transposes */
-
 /* Loss, gradient factors and redo flag of one row from its reductions. With a = A e^lse and
  * b = Bs e^-lse, loss = log1p(a) + log1p(b) = log1p(a + b + ab): one logarithm per row. e^lse is
  * e^m S; "|lse| > big" is tested on it (a NaN row is never flagged: its NaN must surface). */
@@ -399,5 +393,4 @@ void SFX(ml_scale)(const REAL *v, REAL *out, const REAL *gn, const REAL *gp, con
     }
 }
 
-#undef LANES
-#undef BLOCK
+

@@ -1,0 +1,260 @@
+/* Single-label AS-Softmax forward, instantiated per REAL type by kernels.c (after multilabel.h,
+ * whose layout conventions, LANES, BLOCK and LANES_MAX_C it shares).
+ *
+ * Per row with target t, m = max z, e = exp(z - m), S = sum e, p = e / S (the formulas of the
+ * torch path in ops/single_label.py):
+ *
+ *   class i kept  iff  not (p_i < p_t - delta)        (the target always is; NaN rows keep all)
+ *   K = sum of kept p,  loss = log(K / p_t)           (exactly 0 when only the target is kept)
+ *   loss = log K - ((z_t - m) - log S)                when p_t < tiny (p_t lost digits)
+ *
+ * The forward writes v = p on kept classes, p_t - K at the target, 0 elsewhere, and the per-row
+ * factor 1/K (0 for rows with loss exactly 0); the gradient is go * factor * v (ml_scale).
+ * Rows whose target is ignore_index get loss 0, valid 0, v = 0 and factor 0 and are not read.
+ */
+
+static inline void SFX(sl_finish)(REAL m, REAL S, REAL pt, REAL zt, REAL K, int valid, REAL tiny,
+                                  REAL *loss, REAL *factor) {
+    REAL l = pt < tiny ? LOGR(K) - ((zt - m) - LOGR(S)) : LOGR(K / pt);
+    l = valid ? l : (REAL)0;
+    *loss = l;
+    *factor = valid & (l != 0) ? (REAL)1 / K : (REAL)0;
+}
+
+/* Few classes, or samples contiguous along L: LANES rows at a time (see ml_lanes). x holds
+ * C * LANES REALs. */
+static void SFX(sl_lanes)(const REAL *s, const int64_t *target, int64_t ignore, REAL *loss,
+                          uint8_t *valid, REAL *g, REAL *gf, long C, long L, long ssb, long ssc,
+                          long ssl, long gsb, long gsc, long gsl, REAL delta, REAL tiny, long r0,
+                          long r1, REAL *x) {
+    long os[LANES], og[LANES], ol[LANES], tc[LANES];
+    REAL m[LANES], S[LANES], et[LANES], zt[LANES], pt[LANES], thr[LANES], K[LANES];
+    REAL lo[LANES], fa[LANES];
+    int vd[LANES], bad[LANES];
+    for (long t0 = r0; t0 < r1; t0 += LANES) {
+        long n = r1 - t0 < LANES ? r1 - t0 : LANES;
+        long b = t0 / L, l = t0 - b * L;
+        for (long j = 0; j < n; j++) {
+            os[j] = b * ssb + l * ssl;
+            og[j] = b * gsb + l * gsl;
+            ol[j] = l;
+            if (++l == L) {
+                l = 0;
+                b++;
+            }
+        }
+        for (long j = 0; j < LANES; j++) {
+            int64_t tj = target[t0 + (j < n ? j : 0)];
+            vd[j] = tj != ignore;
+            tc[j] = vd[j] ? (long)tj : 0;
+        }
+        int one_b = ol[n - 1] - ol[0] == n - 1;
+        for (long j0 = 0; j0 < n; j0 += BLOCK) {
+            long j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+            for (long c = 0; c < C; c++) {
+                REAL *xc = x + c * LANES;
+                if (one_b) {
+                    const REAL *sc = s + os[0] + c * ssc;
+                    for (long j = j0; j < j1; j++) xc[j] = sc[j * ssl];
+                } else {
+                    for (long j = j0; j < j1; j++) xc[j] = s[os[j] + c * ssc];
+                }
+            }
+        }
+        for (long c = 0; c < C; c++)
+            for (long j = n; j < LANES; j++) x[c * LANES + j] = x[c * LANES];
+        for (long j = 0; j < LANES; j++) {
+            m[j] = -INFR;
+            bad[j] = 0;
+            S[j] = 0;
+            et[j] = 0;
+            zt[j] = 0;
+            K[j] = 0;
+        }
+        for (long c = 0; c < C; c++) {
+            const REAL *xc = x + c * LANES;
+#pragma omp simd
+            for (long j = 0; j < LANES; j++) {
+                REAL v = xc[j];
+                m[j] = v > m[j] ? v : m[j];
+                bad[j] |= v != v;
+            }
+        }
+        for (long j = 0; j < LANES; j++) m[j] = bad[j] ? (REAL)NAN : m[j];
+        for (long c = 0; c < C; c++) {
+            REAL *xc = x + c * LANES;
+#pragma omp simd
+            for (long j = 0; j < LANES; j++) {
+                REAL z = xc[j];
+                REAL e = EXPR(z - m[j]);
+                int at = c == tc[j];
+                et[j] = at ? e : et[j];
+                zt[j] = at ? z : zt[j];
+                S[j] += e;
+                xc[j] = e;
+            }
+        }
+#pragma omp simd
+        for (long j = 0; j < LANES; j++) {
+            REAL iS = (REAL)1 / S[j];
+            S[j] = iS; /* S holds 1/S until the finish */
+            pt[j] = et[j] * iS;
+            thr[j] = vd[j] ? pt[j] - delta : INFR;
+        }
+        for (long c = 0; c < C; c++) {
+            REAL *xc = x + c * LANES;
+#pragma omp simd
+            for (long j = 0; j < LANES; j++) {
+                REAL p = xc[j] * S[j];
+                int kept = !(p < thr[j]);
+                K[j] += kept ? p : (REAL)0;
+                xc[j] = kept ? p : (REAL)0;
+            }
+        }
+#pragma omp simd
+        for (long j = 0; j < LANES; j++) {
+            SFX(sl_finish)(m[j], (REAL)1 / S[j], pt[j], zt[j], K[j], vd[j], tiny, &lo[j], &fa[j]);
+        }
+        for (long j = 0; j < n; j++) {
+            loss[t0 + j] = lo[j];
+            valid[t0 + j] = (uint8_t)vd[j];
+        }
+        if (!g) continue;
+        for (long j = 0; j < n; j++) gf[t0 + j] = fa[j];
+        for (long c = 0; c < C; c++) {
+            REAL *xc = x + c * LANES;
+#pragma omp simd
+            for (long j = 0; j < LANES; j++) {
+                REAL v = c == tc[j] ? pt[j] - K[j] : xc[j];
+                xc[j] = vd[j] ? v : (REAL)0;
+            }
+        }
+        for (long j0 = 0; j0 < n; j0 += BLOCK) {
+            long j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+            for (long c = 0; c < C; c++) {
+                const REAL *vc = x + c * LANES;
+                if (one_b && gsl == 1) {
+                    memcpy(g + og[0] + c * gsc + j0, vc + j0, (size_t)(j1 - j0) * sizeof(REAL));
+                } else if (one_b) {
+                    REAL *gc = g + og[0] + c * gsc;
+                    for (long j = j0; j < j1; j++) gc[j * gsl] = vc[j];
+                } else {
+                    for (long j = j0; j < j1; j++) g[og[j] + c * gsc] = vc[j];
+                }
+            }
+        }
+    }
+}
+
+/* Many classes: one row at a time, read in place when its classes are contiguous; the last
+ * C % TAIL classes go through a chunk padded with -inf (see ml_rows). xbuf and vbuf hold C REALs
+ * (v is g's row when that is contiguous). */
+#define TAIL 16
+static void SFX(sl_rows)(const REAL *s, const int64_t *target, int64_t ignore, REAL *loss,
+                         uint8_t *valid, REAL *g, REAL *gf, long C, long L, long ssb, long ssc,
+                         long ssl, long gsb, long gsc, long gsl, REAL delta, REAL tiny, long r0,
+                         long r1, REAL *xbuf, REAL *vbuf) {
+    long full = C - C % TAIL, tail = C - full;
+    REAL xt[TAIL], vt[TAIL];
+    for (long r = r0; r < r1; r++) {
+        long b = r / L, l = r - b * L;
+        int64_t tr = target[r];
+        int vd = tr != ignore;
+        valid[r] = (uint8_t)vd;
+        REAL *v = g && gsc == 1 ? g + b * gsb + l * gsl : vbuf;
+        if (!vd) {
+            loss[r] = 0;
+            if (g) {
+                gf[r] = 0;
+                REAL *gr = g + b * gsb + l * gsl;
+                for (long c = 0; c < C; c++) gr[c * gsc] = 0;
+            }
+            continue;
+        }
+        const REAL *x = s + b * ssb + l * ssl;
+        if (ssc != 1) {
+            for (long c = 0; c < C; c++) xbuf[c] = x[c * ssc];
+            x = xbuf;
+        }
+        for (long i = 0; i < TAIL; i++) xt[i] = i < tail ? x[full + i] : -INFR;
+        REAL m = -INFR;
+        int bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+        for (long c = 0; c < full; c++) {
+            m = x[c] > m ? x[c] : m;
+            bad |= x[c] != x[c];
+        }
+#pragma omp simd reduction(max : m) reduction(| : bad)
+        for (long i = 0; i < TAIL; i++) {
+            m = xt[i] > m ? xt[i] : m;
+            bad |= xt[i] != xt[i];
+        }
+        m = bad ? (REAL)NAN : m;
+        REAL S = 0;
+#pragma omp simd reduction(+ : S)
+        for (long c = 0; c < full; c++) {
+            REAL e = EXPR(x[c] - m);
+            v[c] = e;
+            S += e;
+        }
+#pragma omp simd reduction(+ : S)
+        for (long i = 0; i < TAIL; i++) {
+            REAL e = EXPR(xt[i] - m);
+            vt[i] = e;
+            S += e;
+        }
+        for (long i = 0; i < tail; i++) v[full + i] = vt[i];
+        REAL iS = (REAL)1 / S;
+        REAL pt = v[tr] * iS, zt = x[tr];
+        REAL thr = pt - delta, K = 0;
+#pragma omp simd reduction(+ : K)
+        for (long c = 0; c < full; c++) {
+            REAL p = v[c] * iS;
+            int kept = !(p < thr);
+            K += kept ? p : (REAL)0;
+            v[c] = kept ? p : (REAL)0;
+        }
+#pragma omp simd reduction(+ : K)
+        for (long i = 0; i < TAIL; i++) {
+            REAL p = vt[i] * iS;
+            int kept = !(p < thr);
+            K += kept ? p : (REAL)0;
+            vt[i] = kept ? p : (REAL)0;
+        }
+        for (long i = 0; i < tail; i++) v[full + i] = vt[i];
+        REAL lo, fa;
+        SFX(sl_finish)(m, S, pt, zt, K, 1, tiny, &lo, &fa);
+        loss[r] = lo;
+        if (g) {
+            gf[r] = fa;
+            v[tr] = pt - K;
+            if (v == vbuf) {
+                REAL *gr = g + b * gsb + l * gsl;
+                for (long c = 0; c < C; c++) gr[c * gsc] = v[c];
+            }
+        }
+    }
+}
+#undef TAIL
+
+/* Rows r0 <= r < r1; target holds one int64 class index per row, in row order. g and gf may be
+ * NULL (no gradient). Returns 0, or -1 if the scratch memory could not be allocated. */
+long SFX(singlelabel)(const REAL *s, const int64_t *target, int64_t ignore, REAL *loss,
+                      uint8_t *valid, REAL *g, REAL *gf, long C, long L, long ssb, long ssc,
+                      long ssl, long gsb, long gsc, long gsl, double delta, double tiny, long r0,
+                      long r1) {
+    int lanes = C < LANES_MAX_C || (ssl == 1 && L >= LANES && C <= 4096);
+    long width = lanes ? C * LANES : C;
+    REAL *buf = (REAL *)malloc((size_t)width * 2 * sizeof(REAL));
+    if (!buf) return -1;
+    fp_mode mode = flush_subnormals();
+    if (lanes)
+        SFX(sl_lanes)(s, target, ignore, loss, valid, g, gf, C, L, ssb, ssc, ssl, gsb, gsc, gsl,
+                      (REAL)delta, (REAL)tiny, r0, r1, buf);
+    else
+        SFX(sl_rows)(s, target, ignore, loss, valid, g, gf, C, L, ssb, ssc, ssl, gsb, gsc, gsl,
+                     (REAL)delta, (REAL)tiny, r0, r1, buf, buf + width);
+    restore_fp_mode(mode);
+    free(buf);
+    return 0;
+}
