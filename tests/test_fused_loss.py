@@ -24,6 +24,7 @@ from lightning_assoftmax.functional import (
     multilabel_as_softmax_loss,
     multilabel_as_softmax_loss_and_stats,
 )
+from lightning_assoftmax.ops import _native
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -158,6 +159,17 @@ def check_against_reference(logits, target, delta, reduction, ignore_index=-100)
     return loss, grad
 
 
+@pytest.fixture(params=["c", "torch"])
+def kernel_path(request, monkeypatch):
+    """Every test here runs through the compiled C kernels and through the torch implementation
+    (the one other devices use, and the fallback without a C compiler)."""
+    if request.param == "torch":
+        monkeypatch.setenv("LIGHTNING_ASSOFTMAX_NATIVE", "0")
+    elif _native.native_library() is None:
+        pytest.skip("no C compiler: the compiled kernels are unavailable")
+    return request.param
+
+
 # --------------------------------------------------------------------------- single-label
 
 
@@ -179,7 +191,7 @@ def check_against_reference(logits, target, delta, reduction, ignore_index=-100)
     ],
 )
 @pytest.mark.parametrize("delta", [0.0, 0.1, 0.5, 1.0])
-def test_matches_reference_float32(shape, num_classes, delta):
+def test_matches_reference_float32(kernel_path, shape, num_classes, delta):
     logits, target = single_label_data(shape, num_classes, ignore=0.1)
     for reduction in ("none", "sum", "mean"):
         check_against_reference(logits, target, delta, reduction)
@@ -189,13 +201,13 @@ def test_matches_reference_float32(shape, num_classes, delta):
 @pytest.mark.parametrize(
     ("shape", "num_classes"), [((300,), 5), ((120,), 300), ((3, 17), 6), ((2, 33), 40)]
 )
-def test_matches_reference_across_dtypes(dtype, shape, num_classes):
+def test_matches_reference_across_dtypes(kernel_path, dtype, shape, num_classes):
     logits, target = single_label_data(shape, num_classes, dtype=dtype, ignore=0.1, seed=3)
     for reduction in ("none", "mean"):
         check_against_reference(logits, target, 0.1, reduction)
 
 
-def test_token_logits_transposed_view():
+def test_token_logits_transposed_view(kernel_path):
     """(N, L, C).transpose(1, 2), as for token classification: a non-contiguous input."""
     logits, target = single_label_data((3, 50), 64, seed=5, ignore=0.2)
     token_major = logits.movedim(1, -1).contiguous()
@@ -204,19 +216,19 @@ def test_token_logits_transposed_view():
     check_against_reference(view, target, 0.1, "none")
 
 
-def test_non_contiguous_two_dimensional_logits():
+def test_non_contiguous_two_dimensional_logits(kernel_path):
     logits, target = single_label_data((80,), 30, seed=6)
     check_against_reference(logits.t().contiguous().t(), target, 0.1, "mean")
 
 
-def test_one_dimensional_logits():
+def test_one_dimensional_logits(kernel_path):
     logits, target = single_label_data((1,), 8, seed=7)
     check_against_reference(logits[0], target[0], 0.1, "none")
     check_against_reference(logits[0], target[0], 0.1, "mean")
 
 
 @pytest.mark.parametrize("ignore_index", [-100, -1, 255])
-def test_ignore_index_patterns(ignore_index):
+def test_ignore_index_patterns(kernel_path, ignore_index):
     logits, target = single_label_data((500,), 10, seed=8)
     for pattern in ("none", "some", "all"):
         t = target.clone()
@@ -232,7 +244,7 @@ def test_ignore_index_patterns(ignore_index):
             assert torch.all(grad == 0)
 
 
-def test_masked_rows_have_exact_zero_loss_and_gradient():
+def test_masked_rows_have_exact_zero_loss_and_gradient(kernel_path):
     logits = torch.tensor([[9.0, 0.0, 0.0, 0.0], [1.0, 0.9, 0.0, 0.0], [0.0, 30.0, -5.0, 1.0]])
     target = torch.tensor([0, 0, 1])
     leaf = logits.clone().requires_grad_()
@@ -245,7 +257,7 @@ def test_masked_rows_have_exact_zero_loss_and_gradient():
     assert torch.all(grad[1, :2] != 0) and torch.all(grad[1, 2:] == 0)
 
 
-def test_delta_one_equals_cross_entropy():
+def test_delta_one_equals_cross_entropy(kernel_path):
     logits, target = single_label_data((400,), 50, seed=9, ignore=0.2)
     for reduction in ("none", "sum", "mean"):
         leaf = logits.clone().requires_grad_()
@@ -261,7 +273,7 @@ def test_delta_one_equals_cross_entropy():
         )
 
 
-def test_nan_and_inf_rows_surface_and_are_never_masked():
+def test_nan_and_inf_rows_surface_and_are_never_masked(kernel_path):
     logits, target = single_label_data((6,), 5, seed=10)
     logits[1, 2] = float("nan")
     logits[3, 0] = float("inf")
@@ -279,7 +291,7 @@ def test_nan_and_inf_rows_surface_and_are_never_masked():
     assert ratio.item() == pytest.approx(masked.item() / valid.item())
 
 
-def test_nan_in_ignored_row_gives_zero_gradient():
+def test_nan_in_ignored_row_gives_zero_gradient(kernel_path):
     logits, target = single_label_data((5,), 20, seed=11)
     logits[2, 3] = float("nan")
     target[2] = -100
@@ -291,7 +303,7 @@ def test_nan_in_ignored_row_gives_zero_gradient():
 
 
 @pytest.mark.parametrize("num_classes", [6, 40])
-def test_minus_inf_logits_are_fine(num_classes):
+def test_minus_inf_logits_are_fine(kernel_path, num_classes):
     logits, target = single_label_data((50,), num_classes, seed=12)
     ruled_out = torch.rand(logits.shape, generator=torch.Generator().manual_seed(2)) < 0.3
     ruled_out[torch.arange(50), target] = False
@@ -301,13 +313,13 @@ def test_minus_inf_logits_are_fine(num_classes):
     assert torch.all(grad[ruled_out] == 0)
 
 
-def test_target_logit_minus_inf_gives_infinite_loss():
+def test_target_logit_minus_inf_gives_infinite_loss(kernel_path):
     logits = torch.tensor([[0.0, 1.0, float("-inf")]])
     loss = as_softmax_cross_entropy(logits, torch.tensor([2]), 0.1, reduction="none")
     assert loss.item() == math.inf
 
 
-def test_extreme_logits_keep_precision():
+def test_extreme_logits_keep_precision(kernel_path):
     """p_t underflows in float32 here; the loss must still be the exact log-softmax value."""
     logits = torch.tensor([[0.0, 120.0, 3.0], [-200.0, 0.0, 1.0]])
     target = torch.tensor([0, 0])
@@ -315,7 +327,7 @@ def test_extreme_logits_keep_precision():
     check_against_reference(logits, target, 0.0, "none")
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(kernel_path):
     logits, target = single_label_data((6,), 5, dtype=torch.float64, seed=13, ignore=0.2)
     leaf = logits.clone().requires_grad_()
     for reduction in ("none", "mean", "sum"):
@@ -327,7 +339,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda z: as_softmax_cross_entropy(z, target3, 0.2), (leaf3,))
 
 
-def test_retain_graph_and_repeated_backward():
+def test_retain_graph_and_repeated_backward(kernel_path):
     """Backward scales its buffer in place only when the graph is freed afterwards."""
     logits, target = single_label_data((64,), 30, seed=15)
     leaf = logits.clone().requires_grad_()
@@ -341,7 +353,7 @@ def test_retain_graph_and_repeated_backward():
         torch.autograd.grad(loss, leaf)
 
 
-def test_no_grad_and_grad_paths_agree():
+def test_no_grad_and_grad_paths_agree(kernel_path):
     logits, target = single_label_data((3, 20), 12, seed=16, ignore=0.2)
     with torch.no_grad():
         plain = as_softmax_cross_entropy(logits, target, 0.1, reduction="none")
@@ -351,7 +363,7 @@ def test_no_grad_and_grad_paths_agree():
     torch.testing.assert_close(plain, with_grad.detach(), rtol=0, atol=0)
 
 
-def test_stats_count_reference_masked_rows():
+def test_stats_count_reference_masked_rows(kernel_path):
     logits, target = single_label_data((2000,), 8, seed=17, ignore=0.1)
     _, masked, valid = as_softmax_loss_and_stats(logits, target, 0.1)
     keep = reference_keep(logits, target, 0.1)
@@ -364,7 +376,7 @@ def test_stats_count_reference_masked_rows():
 @pytest.mark.parametrize(
     ("shape", "num_classes"), [((300,), 5), ((200,), 64), ((2, 9), 7), ((2, 40), 30)]
 )
-def test_keep_mask_matches_reference(shape, num_classes):
+def test_keep_mask_matches_reference(kernel_path, shape, num_classes):
     logits, target = single_label_data(shape, num_classes, seed=18, ignore=0.1)
     keep = as_softmax_keep_mask(logits, target, 0.1)
     expected = reference_keep(logits, target, 0.1)
@@ -372,7 +384,7 @@ def test_keep_mask_matches_reference(shape, num_classes):
     assert torch.equal(_rows(keep), expected)
 
 
-def test_saved_tensors_no_larger_than_cross_entropy():
+def test_saved_tensors_no_larger_than_cross_entropy(kernel_path):
     def saved(fn):
         storages = {}
 
@@ -392,7 +404,7 @@ def test_saved_tensors_no_larger_than_cross_entropy():
         assert ours <= ce, (n, c, ours, ce)
 
 
-def test_target_range_errors_unchanged():
+def test_target_range_errors_unchanged(kernel_path):
     logits = torch.randn(3, 4)
     with pytest.raises(ValueError, match="class index 4, outside"):
         as_softmax_cross_entropy(logits, torch.tensor([0, 4, -100]), 0.1)
@@ -430,7 +442,7 @@ def check_multilabel(logits, target, delta, reduction):
     "shape", [(64, 3), (200, 5), (50, 16), (40, 150), (9, 1000), (150, 700), (4, 7, 9), (2, 30, 40)]
 )
 @pytest.mark.parametrize("delta", [0.0, 0.05, 0.3, 1.0])
-def test_multilabel_matches_reference(shape, delta):
+def test_multilabel_matches_reference(kernel_path, shape, delta):
     logits, target = multilabel_data(shape, seed=20)
     target[0] = 0  # a row without positives
     target[1] = 1  # a row without negatives
@@ -440,18 +452,18 @@ def test_multilabel_matches_reference(shape, delta):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(100, 5), (30, 200), (3, 6, 11)])
-def test_multilabel_across_dtypes(dtype, shape):
+def test_multilabel_across_dtypes(kernel_path, dtype, shape):
     logits, target = multilabel_data(shape, dtype=dtype, seed=21)
     check_multilabel(logits, target, 0.1, "none")
 
 
 @pytest.mark.parametrize("target_dtype", [torch.bool, torch.long, torch.uint8, torch.float64])
-def test_multilabel_target_dtypes(target_dtype):
+def test_multilabel_target_dtypes(kernel_path, target_dtype):
     logits, target = multilabel_data((40, 12), seed=22)
     check_multilabel(logits, target.to(target_dtype), 0.1, "mean")
 
 
-def test_multilabel_extreme_logits_use_exact_rows():
+def test_multilabel_extreme_logits_use_exact_rows(kernel_path):
     """Large |logsumexp| and positives near underflow take the shifted-exponential path."""
     logits, target = multilabel_data((64, 9), seed=23, scale=40.0)
     logits[0, :] -= 300.0
@@ -460,7 +472,7 @@ def test_multilabel_extreme_logits_use_exact_rows():
     check_multilabel(logits, target, 0.0, "none")
 
 
-def test_multilabel_one_dimensional_and_masked_rows():
+def test_multilabel_one_dimensional_and_masked_rows(kernel_path):
     logits = torch.tensor([[6.0, -6.0, -6.0], [0.5, 0.0, -0.5], [-9.0, 9.0, 8.5]])
     target = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]])
     leaf = logits.clone().requires_grad_()
@@ -474,7 +486,7 @@ def test_multilabel_one_dimensional_and_masked_rows():
     check_multilabel(logits[1], target[1], 0.2, "none")
 
 
-def test_multilabel_nan_rows_surface_and_minus_inf_negatives_are_fine():
+def test_multilabel_nan_rows_surface_and_minus_inf_negatives_are_fine(kernel_path):
     logits, target = multilabel_data((6, 7), seed=24)
     target[:, 0] = 1
     target[:, 1] = 0
@@ -492,7 +504,7 @@ def test_multilabel_nan_rows_surface_and_minus_inf_negatives_are_fine():
     assert masked.item() == int((loss[ok] == 0).sum())
 
 
-def test_multilabel_gradcheck_float64():
+def test_multilabel_gradcheck_float64(kernel_path):
     logits, target = multilabel_data((5, 6), dtype=torch.float64, seed=25)
     target[0] = 0
     leaf = logits.clone().requires_grad_()
@@ -504,7 +516,7 @@ def test_multilabel_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda z: multilabel_as_softmax_loss(z, target3, 0.2), (leaf3,))
 
 
-def test_losses_can_be_modified_in_place_before_backward():
+def test_losses_can_be_modified_in_place_before_backward(kernel_path):
     """Weighting the per-sample loss in place must not invalidate the saved state."""
     logits, target = single_label_data((40,), 12, seed=32)
     weights = torch.rand(40, generator=torch.Generator().manual_seed(3))
@@ -528,7 +540,7 @@ def test_losses_can_be_modified_in_place_before_backward():
     torch.testing.assert_close(ml_grad.double(), ml_expected_grad.double(), atol=2e-6, rtol=1e-4)
 
 
-def test_multilabel_retain_graph():
+def test_multilabel_retain_graph(kernel_path):
     logits, target = multilabel_data((30, 20), seed=27)
     leaf = logits.clone().requires_grad_()
     loss = multilabel_as_softmax_loss(leaf, target, 0.1)
@@ -538,14 +550,14 @@ def test_multilabel_retain_graph():
 
 
 @pytest.mark.parametrize("shape", [(300, 5), (40, 64), (3, 5, 7)])
-def test_multilabel_keep_mask_matches_reference(shape):
+def test_multilabel_keep_mask_matches_reference(kernel_path, shape):
     logits, target = multilabel_data(shape, seed=28)
     keep = multilabel_as_softmax_keep_mask(logits, target, 0.1)
     assert keep.shape == logits.shape
     assert torch.equal(_rows(keep), reference_multilabel_keep(logits, target, 0.1))
 
 
-def test_multilabel_saved_tensors_no_larger_than_bce():
+def test_multilabel_saved_tensors_no_larger_than_bce(kernel_path):
     storages = {}
 
     def pack(t):
@@ -574,7 +586,7 @@ def test_multilabel_saved_tensors_no_larger_than_bce():
         (torch.tensor([[3, 0]], dtype=torch.uint8), "3"),
     ],
 )
-def test_multilabel_target_value_errors(target, bad):
+def test_multilabel_target_value_errors(kernel_path, target, bad):
     with pytest.raises(ValueError, match=f"only 0 and 1, found {bad}"):
         multilabel_as_softmax_loss(torch.randn(1, 2), target)
 
