@@ -134,3 +134,24 @@ def test_minus_inf_target_logit_is_infinite_and_masked_rows_exact(monkeypatch):
     assert kept.tolist() == [False, True, True]
     expected = math.log(p[kept].sum()) - math.log(p[2])
     assert loss[2].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_channel_second_logits_with_many_classes_stay_on_the_torch_path(monkeypatch):
+    """(N, C, L) logits with more than MAX_STRIDED_CLASSES classes would be read one cache line
+    per element by the kernel; they run through the torch implementation (same results)."""
+    num_classes = _native.MAX_STRIDED_CLASSES + 1
+    logits, target = data((1, 70), num_classes, seed=11)
+    calls = []
+    original = sl_ops._forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sl_ops, "_forward", counted)
+    leaf = logits.clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    got = as_softmax_loss_and_stats(leaf, target, 1.0, reduction="none")[0]
+    assert calls  # the torch path ran
+    # Sums of 4097 float32 probabilities: a few 1e-5 of absolute rounding next to cross entropy.
+    torch.testing.assert_close(got, loss, rtol=1e-4, atol=5e-5)

@@ -191,6 +191,21 @@ def run_rows(call, num_rows: int, num_classes: int) -> int:
     return -1 if min(results) < 0 else sum(results)
 
 
+#: Channel-second logits ``(N, C, L)`` with more classes than this stay on the torch path: the
+#: kernels would read each sample's classes ``L`` elements apart, one cache line per element.
+MAX_STRIDED_CLASSES = 4096
+
+
+def kernel_applies(layout, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether the compiled kernels handle these logits (CPU, a supported dtype and layout)."""
+    z = layout.z
+    if z.device.type != "cpu" or z.dtype not in dtypes:
+        return False
+    if layout.columns and not layout.transposed and layout.num_classes > MAX_STRIDED_CLASSES:
+        return False
+    return native_library() is not None
+
+
 def kernel_view(layout, t: Tensor) -> tuple[int, tuple[int, int, int]]:
     """``(length, strides)`` of a block-layout tensor as the kernels read it: ``(B, C, L)`` with
     element strides. ``(M, C)`` rows are sample ``l`` of a single ``(1, C, M)`` batch, so that a

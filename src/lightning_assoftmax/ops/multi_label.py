@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
 from lightning_assoftmax.ops._native import (
+    kernel_applies,
     kernel_view,
     native_library,
     new_gradient,
@@ -99,11 +100,9 @@ def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad
     pos_scale per row) turn it into the gradient (:func:`_apply_factors`). ``redo`` is ``None``
     when no row needs the exact path.
     """
-    if layout.z.device.type != "cpu":
+    if not kernel_applies(layout, (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         return None
     lib = native_library()
-    if lib is None:
-        return None
     cdtype = compute_dtype(layout.z.dtype)
     z = layout.z if layout.z.dtype == cdtype else layout.z.to(cdtype)
     # Labels are read as they are when stored as bytes or in the compute dtype.

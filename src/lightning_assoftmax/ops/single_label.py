@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
 from lightning_assoftmax.ops._native import (
+    kernel_applies,
     kernel_view,
     native_library,
     new_gradient,
@@ -60,11 +61,11 @@ def _native_forward(
     the target, ``factor`` is ``1/K`` per row (0 where the loss is exactly 0 or ignored).
     """
     z = layout.z
-    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
+    if not kernel_applies(layout, (torch.float32, torch.float64)):
+        return None
+    if not -(2**63) <= ignore_index < 2**63:
         return None
     lib = native_library()
-    if lib is None or not -(2**63) <= ignore_index < 2**63:
-        return None
     rows = layout.num_rows
     flat_target = target.reshape(-1)
     if flat_target.dtype != torch.int64 or not flat_target.is_contiguous():
