@@ -1,7 +1,8 @@
 """Fast paths behind :mod:`lightning_assoftmax.functional` (kernels apart from the public API).
 
 Each op takes already-validated tensors and returns per-sample losses with a hand-written
-backward; the public functions validate, reshape and reduce.
+backward; the public functions validate, reshape and reduce. On CPU the ops call compiled C
+kernels (:mod:`lightning_assoftmax.ops._native`) and fall back to their torch implementation.
 """
 
 from lightning_assoftmax.ops.multi_label import (

@@ -13,8 +13,10 @@ buffer ``P`` (kept probabilities, :math:`p_t - K` at the target) plus ``1/K`` pe
 scales ``P`` by ``grad / K`` in place when autograd will not need it again, so a forward+backward
 allocates one ``(rows, C)`` tensor where ``F.cross_entropy`` allocates three.
 
-This is the eager path for every device; a device kernel (e.g. Triton for CUDA) would slot in at
-:func:`as_softmax_rows_loss` with the same contract.
+On CPU, float32/float64 logits go through the compiled C kernel (:mod:`._native`,
+``native/singlelabel.h``), which computes the same quantities in one call; this torch code is
+the path for other devices, half inputs and machines without a C compiler. A device kernel (e.g.
+Triton for CUDA) would slot in at :func:`as_softmax_rows_loss` with the same contract.
 """
 
 from __future__ import annotations
