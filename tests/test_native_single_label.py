@@ -44,18 +44,18 @@ def data(shape, num_classes, seed, ignore=0.2, hostile=False):
 def run(logits, target, delta, native: bool, monkeypatch):
     monkeypatch.setenv("LIGHTNING_ASSOFTMAX_NATIVE", "1" if native else "0")
     calls = []
-    original = sl_ops._forward
+    original = sl_ops._torch_forward
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sl_ops, "_forward", counted)
+    monkeypatch.setattr(sl_ops, "_torch_forward", counted)
     leaf = logits.detach().clone().requires_grad_()
     loss, masked, count = as_softmax_loss_and_stats(leaf, target, delta, reduction="none")
     weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) + 0.5
     (loss * weights).nan_to_num(0.0).sum().backward()
-    monkeypatch.setattr(sl_ops, "_forward", original)
+    monkeypatch.setattr(sl_ops, "_torch_forward", original)
     assert bool(calls) != native  # the torch path ran exactly when asked for
     return loss.detach(), leaf.grad, masked, count
 
@@ -142,13 +142,13 @@ def test_channel_second_logits_with_many_classes_stay_on_the_torch_path(monkeypa
     num_classes = _native.MAX_STRIDED_CLASSES + 1
     logits, target = data((1, 70), num_classes, seed=11)
     calls = []
-    original = sl_ops._forward
+    original = sl_ops._torch_forward
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sl_ops, "_forward", counted)
+    monkeypatch.setattr(sl_ops, "_torch_forward", counted)
     leaf = logits.clone().requires_grad_()
     loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     got = as_softmax_loss_and_stats(leaf, target, 1.0, reduction="none")[0]

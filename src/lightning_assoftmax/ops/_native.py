@@ -34,10 +34,21 @@ from torch import Tensor
 
 from lightning_assoftmax._cache import default_cache_dir
 
-__all__ = ["count_not_binary", "native_library", "native_status", "pointer", "run_rows"]
+__all__ = [
+    "count_not_binary",
+    "kernel_applies",
+    "kernel_view",
+    "native_library",
+    "native_status",
+    "new_gradient",
+    "pointer",
+    "rows_major",
+    "run_rows",
+    "scale_by_rows",
+    "to_input_layout",
+]
 
 _log = logging.getLogger(__name__)
-_SOURCES = ("kernels.c", "multilabel.h")
 _BASE_FLAGS = [
     "-O3",
     "-std=c11",
@@ -129,8 +140,8 @@ def _load() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     source_dir = Path(str(resources.files("lightning_assoftmax.ops") / "native"))
     digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update((source_dir / name).read_bytes())
+    for source in sorted(source_dir.glob("*.[ch]")):  # every file kernels.c may include
+        digest.update(source.name.encode() + source.read_bytes())
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
     for part in (cc, version.stdout, " ".join(_BASE_FLAGS), platform.machine(), _cpu_identity()):
         digest.update(part.encode())

@@ -36,7 +36,7 @@ from lightning_assoftmax.ops._native import (
     scale_by_rows,
     to_input_layout,
 )
-from lightning_assoftmax.ops.single_label import compute_dtype
+from lightning_assoftmax.ops.single_label import compute_dtype, underflow_limit
 
 __all__ = ["multilabel_as_softmax_keep", "multilabel_as_softmax_rows_loss"]
 
@@ -157,7 +157,7 @@ def _apply_factors(
 @functools.cache
 def _precision_limits(cdtype: torch.dtype) -> tuple[float, float]:
     """Below ``tiny`` a positive's ``1/p`` loses digits; above ``big`` ``e^{+-lse}`` may overflow."""
-    return torch.finfo(cdtype).tiny ** 0.8, 0.68 * math.log(torch.finfo(cdtype).max)
+    return underflow_limit(cdtype), 0.68 * math.log(torch.finfo(cdtype).max)
 
 
 def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):

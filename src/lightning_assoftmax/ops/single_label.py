@@ -21,6 +21,7 @@ Triton for CUDA) would slot in at :func:`as_softmax_rows_loss` with the same con
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -54,6 +55,13 @@ def as_softmax_keep_threshold(p_target: Tensor, delta: float) -> Tensor:
     return p_target - delta
 
 
+@functools.cache
+def underflow_limit(cdtype: torch.dtype) -> float:
+    """Probabilities below ``tiny ** 0.8`` have lost digits to underflow: the losses recompute
+    what depends on them from the logits (shared by every kernel, torch and C)."""
+    return torch.finfo(cdtype).tiny ** 0.8
+
+
 def _native_forward(
     layout: BlockLayout, target: Tensor, delta: float, ignore_index: int, need_grad: bool
 ):
@@ -80,7 +88,7 @@ def _native_forward(
         v, grad_strides = new_gradient(layout, z.dtype)
         factor = torch.empty(rows, dtype=z.dtype)
     kernel = lib.singlelabel_f64 if z.dtype == torch.float64 else lib.singlelabel_f32
-    tiny = torch.finfo(z.dtype).tiny ** 0.8
+    tiny = underflow_limit(z.dtype)
     head = (pointer(z), pointer(flat_target), ignore_index, pointer(loss), pointer(valid))
     head = (*head, pointer(v), pointer(factor), layout.num_classes, length, *strides)
     head = (*head, *grad_strides, delta, tiny)
@@ -94,8 +102,25 @@ def _native_forward(
 
 
 def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad: bool):
-    """Per-sample loss and validity and, if asked, the gradient buffer and ``1/K`` per sample."""
+    """Per-sample loss and validity and, if asked, the gradient buffer and ``1/K`` per sample,
+    from the compiled kernel where it applies, else from torch ops: ``(loss, valid, out,
+    inv_mass, layout, native)``."""
     layout = BlockLayout(logits)
+    result = _native_forward(layout, target, delta, ignore_index, need_grad)
+    if result is not None:
+        return (*result, layout, True)
+    return (*_torch_forward(layout, logits, target, delta, ignore_index, need_grad), layout, False)
+
+
+def _torch_forward(
+    layout: BlockLayout,
+    logits: Tensor,
+    target: Tensor,
+    delta: float,
+    ignore_index: int,
+    need_grad: bool,
+):
+    """The torch implementation of :func:`_forward`, block by block."""
     cdtype = compute_dtype(logits.dtype)
     device = logits.device
     flat_valid = target.reshape(-1) != ignore_index  # returned: a base tensor, not a view
@@ -142,7 +167,7 @@ def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, ne
     # loss = log K - log p_t, 0 at ignored samples (ratio 1; also keeps log off its slow path
     # for 0). A masked sample has K == p_t bit for bit: its loss is exactly 0.
     loss = torch.where(flat_valid, mass / pt_flat, 1.0).log_()
-    tiny = torch.finfo(cdtype).tiny ** 0.8
+    tiny = underflow_limit(cdtype)
     # p_t lost digits to underflow: log p_t = z_t - logsumexp(z). A mask, not pt_flat.amin(): a NaN
     # row would make the minimum NaN and hide the other rows that need this.
     underflow = flat_valid & (pt_flat < tiny)
@@ -152,7 +177,7 @@ def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, ne
         rows = layout.rows_of(layout.z, idx).to(cdtype)
         loss[idx] = mass[idx].log() - (z_t - torch.logsumexp(rows, dim=1))
     if out is None:
-        return loss, flat_valid, None, None, layout
+        return loss, flat_valid, None, None
 
     # Gradient at the target, p_t / K - 1, stored unscaled as p_t - K (exactly 0 when masked).
     target_entry = torch.where(valid, p_target - kept_mass, 0.0).to(out.dtype)
@@ -167,7 +192,7 @@ def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, ne
     # A sample with loss exactly 0 is masked: its gradient is exactly 0, not round-off. Ignored
     # samples have loss 0 too.
     inv_mass = torch.where(loss != 0, mass.reciprocal(), 0.0)
-    return loss, flat_valid, out, inv_mass, layout
+    return loss, flat_valid, out, inv_mass
 
 
 class _FusedASSoftmax(torch.autograd.Function):
@@ -175,15 +200,10 @@ class _FusedASSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, delta: float, ignore_index: int):
-        layout = BlockLayout(logits)
-        native = _native_forward(layout, target, delta, ignore_index, True)
-        if native is not None:
-            loss, valid, out, inv_mass = native
-        else:
-            loss, valid, out, inv_mass, layout = _forward(
-                logits, target, delta, ignore_index, True
-            )
-        ctx.native = native is not None
+        loss, valid, out, inv_mass, layout, native = _forward(
+            logits, target, delta, ignore_index, True
+        )
+        ctx.native = native
         ctx.save_for_backward(out, inv_mass)
         ctx.layout = layout
         ctx.mark_non_differentiable(valid)
@@ -221,8 +241,5 @@ def as_softmax_rows_loss(
     if logits.requires_grad and torch.is_grad_enabled():
         return _FusedASSoftmax.apply(logits, target, delta, ignore_index)
     with torch.no_grad():
-        native = _native_forward(BlockLayout(logits), target, delta, ignore_index, False)
-        if native is not None:
-            return native[0], native[1]
-        loss, valid, _, _, _ = _forward(logits, target, delta, ignore_index, False)
+        loss, valid = _forward(logits, target, delta, ignore_index, False)[:2]
     return loss, valid
