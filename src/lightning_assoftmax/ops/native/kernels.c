@@ -113,12 +113,29 @@ static inline float log1p_f32(float a) {
 #define LANES_MAX_C 128
 #endif
 
+/* Element offsets of rows t0 .. t0 + n - 1 (row r = b * L + l) for batch and sample strides sb, sl:
+ * one division per tile, then the lanes step through (b, l). */
+static inline void tile_offsets(long t0, long n, long L, long sb, long sl, long *o) {
+    long b = t0 / L, l = t0 - b * L;
+    for (long j = 0; j < n; j++) {
+        o[j] = b * sb + l * sl;
+        if (++l == L) {
+            l = 0;
+            b++;
+        }
+    }
+}
+
+/* Whether rows t0 .. t0 + n - 1 share one b (so they are evenly spaced in memory). */
+static inline int tile_within_one_b(long t0, long n, long L) { return t0 / L == (t0 + n - 1) / L; }
+
 #define REAL float
 #define SFX(name) name##_f32
 #define EXPR exp_f32
 #define LOGR log_f32
 #define LOG1PR log1p_f32
 #define INFR INFINITY
+#include "tiles.h"
 #include "multilabel.h"
 #include "singlelabel.h"
 #undef REAL
@@ -135,6 +152,7 @@ static inline float log1p_f32(float a) {
 #define LOGR log
 #define LOG1PR log1p
 #define INFR ((double)INFINITY)
+#include "tiles.h"
 #include "multilabel.h"
 #include "singlelabel.h"
 

@@ -39,6 +39,29 @@ static inline void SFX(finish)(REAL m, REAL S, REAL A, REAL Bs, REAL min_pos, in
                       (l == INFR));
 }
 
+/* One label of a row: e = exp(s - m) joins the sum and, by side, the extremes that set the keep
+ * thresholds (those of e give those of p = e / S: same rounding). */
+static inline REAL SFX(ml_exp)(REAL t, REAL m, int pos, REAL *S, REAL *min_pos, REAL *max_neg) {
+    REAL e = EXPR(t - m);
+    REAL mp = pos ? e : INFR;
+    REAL mq = pos ? (REAL)0 : e;
+    *S += e;
+    *min_pos = mp < *min_pos ? mp : *min_pos;
+    *max_neg = mq > *max_neg ? mq : *max_neg;
+    return e;
+}
+
+/* One label's keep decision: its share of A (kept negative) or Bs (kept positive), and its v. */
+static inline REAL SFX(ml_keep)(REAL p, int pos, int no_pos, int no_neg, REAL min_pos,
+                                REAL max_neg, REAL delta, REAL *A, REAL *Bs) {
+    int keep_neg = (!pos) & (no_pos | !(min_pos - p > delta));
+    int keep_pos = pos & (no_neg | !(p - max_neg > delta));
+    REAL ip = (REAL)1 / p;
+    *A += keep_neg ? p : (REAL)0;
+    *Bs += keep_pos ? ip : (REAL)0;
+    return keep_neg ? p : (keep_pos ? -ip : (REAL)0);
+}
+
 /* Few classes, or samples contiguous along L: LANES rows at a time, one per vector lane.
  * x and v hold C * LANES REALs, yy C * LANES bytes. */
 static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss, REAL *g, REAL *gn,
@@ -46,61 +69,29 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
                           long syb, long syc, long syl, long gsb, long gsc, long gsl, REAL delta, REAL tiny, REAL ebig, long r0,
                           long r1, REAL *x, REAL *v, uint8_t *yy) {
     long count = 0;
-    long os[LANES], oy[LANES], og[LANES], ol[LANES];
+    long os[LANES], oy[LANES], og[LANES];
     REAL m[LANES], S[LANES], iS[LANES], min_pos[LANES], max_neg[LANES], A[LANES], Bs[LANES];
     REAL lo[LANES], sn[LANES], sp[LANES];
     int npos[LANES], bad[LANES];
     uint8_t rd[LANES];
     for (long t0 = r0; t0 < r1; t0 += LANES) {
         long n = r1 - t0 < LANES ? r1 - t0 : LANES;
-        long b = t0 / L, l = t0 - b * L; /* one division per tile: lanes step through (b, l) */
-        for (long j = 0; j < n; j++) {
-            os[j] = b * ssb + l * ssl;
-            oy[j] = b * syb + l * syl;
-            og[j] = b * gsb + l * gsl;
-            ol[j] = l;
-            if (++l == L) {
-                l = 0;
-                b++;
-            }
-        }
-        /* Load the tile class-major (padding lanes repeat row t0 and are never stored). Within
-         * one b the rows are evenly spaced: strided loads, no offset table, in blocks of BLOCK
-         * rows so that the rows being read stay in L1 cache while all classes are visited. */
-        int one_b = ol[n - 1] - ol[0] == n - 1;
-        for (long j0 = 0; j0 < n; j0 += BLOCK) {
-            long j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
-            for (long c = 0; c < C; c++) {
-                REAL *xc = x + c * LANES;
-                uint8_t *yc = yy + c * LANES;
-                if (one_b) {
-                    const REAL *sc = s + os[0] + c * ssc;
-                    for (long j = j0; j < j1; j++) xc[j] = sc[j * ssl];
-                } else {
-                    for (long j = j0; j < j1; j++) xc[j] = s[os[j] + c * ssc];
-                }
-                if (y_real) {
-                    const REAL *y = (const REAL *)yv + c * syc;
-                    if (one_b) {
-                        for (long j = j0; j < j1; j++) yc[j] = y[oy[0] + j * syl] != 0;
-                    } else {
-                        for (long j = j0; j < j1; j++) yc[j] = y[oy[j]] != 0;
-                    }
-                } else {
-                    const uint8_t *y = (const uint8_t *)yv + c * syc;
-                    if (one_b) {
-                        for (long j = j0; j < j1; j++) yc[j] = y[oy[0] + j * syl] != 0;
-                    } else {
-                        for (long j = j0; j < j1; j++) yc[j] = y[oy[j]] != 0;
-                    }
-                }
-            }
-        }
+        int one_b = tile_within_one_b(t0, n, L);
+        tile_offsets(t0, n, L, ssb, ssl, os);
+        tile_offsets(t0, n, L, syb, syl, oy);
+        tile_offsets(t0, n, L, gsb, gsl, og);
+        SFX(tile_load)(s, os, one_b, n, C, ssc, ssl, x);
+        /* Labels as 0/1 bytes, class-major like the scores (read as REAL or as bytes). */
         for (long c = 0; c < C; c++) {
-            for (long j = n; j < LANES; j++) {
-                x[c * LANES + j] = x[c * LANES];
-                yy[c * LANES + j] = yy[c * LANES];
+            uint8_t *yc = yy + c * LANES;
+            if (y_real) {
+                const REAL *y = (const REAL *)yv + c * syc;
+                for (long j = 0; j < n; j++) yc[j] = y[oy[j]] != 0;
+            } else {
+                const uint8_t *y = (const uint8_t *)yv + c * syc;
+                for (long j = 0; j < n; j++) yc[j] = y[oy[j]] != 0;
             }
+            for (long j = n; j < LANES; j++) yc[j] = yc[0];
         }
         for (long j = 0; j < LANES; j++) {
             m[j] = -INFR;
@@ -130,15 +121,8 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
             const uint8_t *yc = yy + c * LANES;
             REAL *vc = v + c * LANES;
 #pragma omp simd
-            for (long j = 0; j < LANES; j++) {
-                REAL e = EXPR(xc[j] - m[j]);
-                vc[j] = e;
-                S[j] += e;
-                REAL mp = yc[j] ? e : INFR;
-                REAL mq = yc[j] ? (REAL)0 : e;
-                min_pos[j] = mp < min_pos[j] ? mp : min_pos[j];
-                max_neg[j] = mq > max_neg[j] ? mq : max_neg[j];
-            }
+            for (long j = 0; j < LANES; j++)
+                vc[j] = SFX(ml_exp)(xc[j], m[j], yc[j], &S[j], &min_pos[j], &max_neg[j]);
         }
 #pragma omp simd
         for (long j = 0; j < LANES; j++) {
@@ -150,16 +134,9 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
             REAL *vc = v + c * LANES;
             const uint8_t *yc = yy + c * LANES;
 #pragma omp simd
-            for (long j = 0; j < LANES; j++) {
-                REAL p = vc[j] * iS[j];
-                int pos = yc[j];
-                int keep_neg = (!pos) & ((npos[j] == 0) | !(min_pos[j] - p > delta));
-                int keep_pos = pos & ((npos[j] == C) | !(p - max_neg[j] > delta));
-                REAL ip = (REAL)1 / p;
-                A[j] += keep_neg ? p : (REAL)0;
-                Bs[j] += keep_pos ? ip : (REAL)0;
-                vc[j] = keep_neg ? p : (keep_pos ? -ip : (REAL)0);
-            }
+            for (long j = 0; j < LANES; j++)
+                vc[j] = SFX(ml_keep)(vc[j] * iS[j], yc[j], npos[j] == 0, npos[j] == C, min_pos[j],
+                                     max_neg[j], delta, &A[j], &Bs[j]);
         }
 #pragma omp simd
         for (long j = 0; j < LANES; j++) {
@@ -176,20 +153,7 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
                 gn[t0 + j] = sn[j];
                 gp[t0 + j] = sp[j];
             }
-            for (long j0 = 0; j0 < n; j0 += BLOCK) {
-                long j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
-                for (long c = 0; c < C; c++) {
-                    const REAL *vc = v + c * LANES;
-                    if (one_b && gsl == 1) {
-                        memcpy(g + og[0] + c * gsc + j0, vc + j0, (size_t)(j1 - j0) * sizeof(REAL));
-                    } else if (one_b) {
-                        REAL *gc = g + og[0] + c * gsc;
-                        for (long j = j0; j < j1; j++) gc[j * gsl] = vc[j];
-                    } else {
-                        for (long j = j0; j < j1; j++) g[og[j] + c * gsc] = vc[j];
-                    }
-                }
-            }
+            SFX(tile_store)(g, v, og, one_b, n, C, gsc, gsl);
         }
     }
     return count;
@@ -230,69 +194,41 @@ static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, 
             xt[i] = i < tail ? x[full + i] : -INFR;
             yt[i] = i < tail ? yr[full + i] : 0;
         }
+        /* Each pass runs over the in-place classes, then over the padded tail chunk. */
+        const REAL *xs[2] = {x, xt}, *ys[2] = {yr, yt};
+        REAL *vs[2] = {v, vt};
+        long lens[2] = {full, TAIL};
         REAL m = -INFR;
         int bad = 0, npos = 0;
+        for (int k = 0; k < 2; k++) {
+            const REAL *xk = xs[k], *yk = ys[k];
 #pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : npos)
-        for (long c = 0; c < full; c++) {
-            REAL t = x[c];
-            m = t > m ? t : m;
-            bad |= t != t;
-            npos += yr[c] != 0;
-        }
-#pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : npos)
-        for (long i = 0; i < TAIL; i++) {
-            REAL t = xt[i];
-            m = t > m ? t : m;
-            bad |= t != t;
-            npos += yt[i] != 0;
+            for (long c = 0; c < lens[k]; c++) {
+                m = xk[c] > m ? xk[c] : m;
+                bad |= xk[c] != xk[c];
+                npos += yk[c] != 0;
+            }
         }
         m = bad ? (REAL)NAN : m;
         REAL S = 0, min_pos = INFR, max_neg = 0;
+        for (int k = 0; k < 2; k++) {
+            const REAL *xk = xs[k], *yk = ys[k];
+            REAL *vk = vs[k];
 #pragma omp simd reduction(+ : S) reduction(min : min_pos) reduction(max : max_neg)
-        for (long c = 0; c < full; c++) {
-            REAL e = EXPR(x[c] - m);
-            v[c] = e;
-            S += e;
-            REAL mp = yr[c] != 0 ? e : INFR;
-            REAL mq = yr[c] != 0 ? (REAL)0 : e;
-            min_pos = mp < min_pos ? mp : min_pos;
-            max_neg = mq > max_neg ? mq : max_neg;
-        }
-#pragma omp simd reduction(+ : S) reduction(min : min_pos) reduction(max : max_neg)
-        for (long i = 0; i < TAIL; i++) {
-            REAL e = EXPR(xt[i] - m);
-            vt[i] = e;
-            S += e;
-            REAL mp = yt[i] != 0 ? e : INFR;
-            REAL mq = yt[i] != 0 ? (REAL)0 : e;
-            min_pos = mp < min_pos ? mp : min_pos;
-            max_neg = mq > max_neg ? mq : max_neg;
+            for (long c = 0; c < lens[k]; c++)
+                vk[c] = SFX(ml_exp)(xk[c], m, yk[c] != 0, &S, &min_pos, &max_neg);
         }
         REAL iS = (REAL)1 / S;
         min_pos = min_pos * iS;
         max_neg = max_neg * iS;
         REAL A = 0, Bs = 0;
+        for (int k = 0; k < 2; k++) {
+            const REAL *yk = ys[k];
+            REAL *vk = vs[k];
 #pragma omp simd reduction(+ : A, Bs)
-        for (long c = 0; c < full; c++) {
-            REAL p = v[c] * iS;
-            int pos = yr[c] != 0;
-            int keep_neg = (!pos) & ((npos == 0) | !(min_pos - p > delta));
-            int keep_pos = pos & ((npos == C) | !(p - max_neg > delta));
-            REAL ip = (REAL)1 / p;
-            A += keep_neg ? p : (REAL)0;
-            Bs += keep_pos ? ip : (REAL)0;
-            v[c] = keep_neg ? p : (keep_pos ? -ip : (REAL)0);
-        }
-#pragma omp simd reduction(+ : A, Bs)
-        for (long i = 0; i < TAIL; i++) {
-            REAL p = vt[i] * iS;
-            int pos = yt[i] != 0;
-            int keep_neg = (!pos) & ((npos == 0) | !(min_pos - p > delta));
-            int keep_pos = pos & ((npos == C) | !(p - max_neg > delta));
-            REAL ip = (REAL)1 / p;
-            A += keep_neg ? p : (REAL)0;
-            Bs += keep_pos ? ip : (REAL)0;
-            vt[i] = keep_neg ? p : (keep_pos ? -ip : (REAL)0);
+            for (long c = 0; c < lens[k]; c++)
+                vk[c] = SFX(ml_keep)(vk[c] * iS, yk[c] != 0, npos == 0, npos == C, min_pos,
+                                     max_neg, delta, &A, &Bs);
         }
         for (long i = 0; i < tail; i++) v[full + i] = vt[i];
         REAL sn, sp;

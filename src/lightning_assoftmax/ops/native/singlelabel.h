@@ -21,48 +21,35 @@ static inline void SFX(sl_finish)(REAL m, REAL S, REAL pt, REAL zt, REAL K, int 
     *factor = valid & (l != 0) ? (REAL)1 / K : (REAL)0;
 }
 
+/* One class's keep decision: it joins the kept mass K and keeps its p, or gives 0. NaN is kept,
+ * so a NaN row's NaN reaches its loss. */
+static inline REAL SFX(sl_keep)(REAL p, REAL thr, REAL *K) {
+    int kept = !(p < thr);
+    *K += kept ? p : (REAL)0;
+    return kept ? p : (REAL)0;
+}
+
 /* Few classes, or samples contiguous along L: LANES rows at a time (see ml_lanes). x holds
  * C * LANES REALs. */
 static void SFX(sl_lanes)(const REAL *s, const int64_t *target, int64_t ignore, REAL *loss,
                           uint8_t *valid, REAL *g, REAL *gf, long C, long L, long ssb, long ssc,
                           long ssl, long gsb, long gsc, long gsl, REAL delta, REAL tiny, long r0,
                           long r1, REAL *x) {
-    long os[LANES], og[LANES], ol[LANES], tc[LANES];
+    long os[LANES], og[LANES], tc[LANES];
     REAL m[LANES], S[LANES], et[LANES], zt[LANES], pt[LANES], thr[LANES], K[LANES];
     REAL lo[LANES], fa[LANES];
     int vd[LANES], bad[LANES];
     for (long t0 = r0; t0 < r1; t0 += LANES) {
         long n = r1 - t0 < LANES ? r1 - t0 : LANES;
-        long b = t0 / L, l = t0 - b * L;
-        for (long j = 0; j < n; j++) {
-            os[j] = b * ssb + l * ssl;
-            og[j] = b * gsb + l * gsl;
-            ol[j] = l;
-            if (++l == L) {
-                l = 0;
-                b++;
-            }
-        }
+        int one_b = tile_within_one_b(t0, n, L);
+        tile_offsets(t0, n, L, ssb, ssl, os);
+        tile_offsets(t0, n, L, gsb, gsl, og);
         for (long j = 0; j < LANES; j++) {
             int64_t tj = target[t0 + (j < n ? j : 0)];
             vd[j] = tj != ignore;
             tc[j] = vd[j] ? (long)tj : 0;
         }
-        int one_b = ol[n - 1] - ol[0] == n - 1;
-        for (long j0 = 0; j0 < n; j0 += BLOCK) {
-            long j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
-            for (long c = 0; c < C; c++) {
-                REAL *xc = x + c * LANES;
-                if (one_b) {
-                    const REAL *sc = s + os[0] + c * ssc;
-                    for (long j = j0; j < j1; j++) xc[j] = sc[j * ssl];
-                } else {
-                    for (long j = j0; j < j1; j++) xc[j] = s[os[j] + c * ssc];
-                }
-            }
-        }
-        for (long c = 0; c < C; c++)
-            for (long j = n; j < LANES; j++) x[c * LANES + j] = x[c * LANES];
+        SFX(tile_load)(s, os, one_b, n, C, ssc, ssl, x);
         for (long j = 0; j < LANES; j++) {
             m[j] = -INFR;
             bad[j] = 0;
@@ -104,12 +91,7 @@ static void SFX(sl_lanes)(const REAL *s, const int64_t *target, int64_t ignore, 
         for (long c = 0; c < C; c++) {
             REAL *xc = x + c * LANES;
 #pragma omp simd
-            for (long j = 0; j < LANES; j++) {
-                REAL p = xc[j] * S[j];
-                int kept = !(p < thr[j]);
-                K[j] += kept ? p : (REAL)0;
-                xc[j] = kept ? p : (REAL)0;
-            }
+            for (long j = 0; j < LANES; j++) xc[j] = SFX(sl_keep)(xc[j] * S[j], thr[j], &K[j]);
         }
 #pragma omp simd
         for (long j = 0; j < LANES; j++) {
@@ -129,20 +111,7 @@ static void SFX(sl_lanes)(const REAL *s, const int64_t *target, int64_t ignore, 
                 xc[j] = vd[j] ? v : (REAL)0;
             }
         }
-        for (long j0 = 0; j0 < n; j0 += BLOCK) {
-            long j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
-            for (long c = 0; c < C; c++) {
-                const REAL *vc = x + c * LANES;
-                if (one_b && gsl == 1) {
-                    memcpy(g + og[0] + c * gsc + j0, vc + j0, (size_t)(j1 - j0) * sizeof(REAL));
-                } else if (one_b) {
-                    REAL *gc = g + og[0] + c * gsc;
-                    for (long j = j0; j < j1; j++) gc[j * gsl] = vc[j];
-                } else {
-                    for (long j = j0; j < j1; j++) g[og[j] + c * gsc] = vc[j];
-                }
-            }
-        }
+        SFX(tile_store)(g, x, og, one_b, n, C, gsc, gsl);
     }
 }
 
@@ -177,49 +146,39 @@ static void SFX(sl_rows)(const REAL *s, const int64_t *target, int64_t ignore, R
             x = xbuf;
         }
         for (long i = 0; i < TAIL; i++) xt[i] = i < tail ? x[full + i] : -INFR;
+        /* Each pass runs over the in-place classes, then over the padded tail chunk. */
+        const REAL *xs[2] = {x, xt};
+        REAL *vs[2] = {v, vt};
+        long lens[2] = {full, TAIL};
         REAL m = -INFR;
         int bad = 0;
+        for (int k = 0; k < 2; k++) {
+            const REAL *xk = xs[k];
 #pragma omp simd reduction(max : m) reduction(| : bad)
-        for (long c = 0; c < full; c++) {
-            m = x[c] > m ? x[c] : m;
-            bad |= x[c] != x[c];
-        }
-#pragma omp simd reduction(max : m) reduction(| : bad)
-        for (long i = 0; i < TAIL; i++) {
-            m = xt[i] > m ? xt[i] : m;
-            bad |= xt[i] != xt[i];
+            for (long c = 0; c < lens[k]; c++) {
+                m = xk[c] > m ? xk[c] : m;
+                bad |= xk[c] != xk[c];
+            }
         }
         m = bad ? (REAL)NAN : m;
         REAL S = 0;
+        for (int k = 0; k < 2; k++) {
+            const REAL *xk = xs[k];
+            REAL *vk = vs[k];
 #pragma omp simd reduction(+ : S)
-        for (long c = 0; c < full; c++) {
-            REAL e = EXPR(x[c] - m);
-            v[c] = e;
-            S += e;
-        }
-#pragma omp simd reduction(+ : S)
-        for (long i = 0; i < TAIL; i++) {
-            REAL e = EXPR(xt[i] - m);
-            vt[i] = e;
-            S += e;
+            for (long c = 0; c < lens[k]; c++) {
+                vk[c] = EXPR(xk[c] - m);
+                S += vk[c];
+            }
         }
         for (long i = 0; i < tail; i++) v[full + i] = vt[i];
         REAL iS = (REAL)1 / S;
         REAL pt = v[tr] * iS, zt = x[tr];
         REAL thr = pt - delta, K = 0;
+        for (int k = 0; k < 2; k++) {
+            REAL *vk = vs[k];
 #pragma omp simd reduction(+ : K)
-        for (long c = 0; c < full; c++) {
-            REAL p = v[c] * iS;
-            int kept = !(p < thr);
-            K += kept ? p : (REAL)0;
-            v[c] = kept ? p : (REAL)0;
-        }
-#pragma omp simd reduction(+ : K)
-        for (long i = 0; i < TAIL; i++) {
-            REAL p = vt[i] * iS;
-            int kept = !(p < thr);
-            K += kept ? p : (REAL)0;
-            vt[i] = kept ? p : (REAL)0;
+            for (long c = 0; c < lens[k]; c++) vk[c] = SFX(sl_keep)(vk[c] * iS, thr, &K);
         }
         for (long i = 0; i < tail; i++) v[full + i] = vt[i];
         REAL lo, fa;
