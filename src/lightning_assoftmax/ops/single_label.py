@@ -50,7 +50,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def as_softmax_keep_threshold(p_target: Tensor, delta: float) -> Tensor:
     """The kept-class cut-off on probabilities: class ``i`` is kept iff ``p_i >= p_t - delta``.
 
-    The one source of the decision rule, shared by the loss kernel and the keep mask.
+    The one source of the decision rule in torch, shared by the loss kernel and the keep mask;
+    the compiled kernel (``native/singlelabel.h``) computes the same ``p_t - delta``.
     """
     return p_target - delta
 
