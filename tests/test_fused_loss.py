@@ -159,14 +159,18 @@ def check_against_reference(logits, target, delta, reduction, ignore_index=-100)
     return loss, grad
 
 
-@pytest.fixture(params=["c", "torch"])
+@pytest.fixture(params=["c", "c-generic", "torch"])
 def kernel_path(request, monkeypatch):
-    """Every test here runs through the compiled C kernels and through the torch implementation
-    (the one other devices use, and the fallback without a C compiler)."""
+    """Every test here runs through the compiled C kernels (with the AVX-512 ones where this CPU
+    has them, and with the generic ones only) and through the torch implementation (the one
+    other devices use, and the fallback without a C compiler)."""
     if request.param == "torch":
         monkeypatch.setenv("LIGHTNING_ASSOFTMAX_NATIVE", "0")
     elif _native.native_library() is None:
         pytest.skip("no C compiler: the compiled kernels are unavailable")
+    elif request.param == "c-generic":
+        previous = _native.set_vector_kernels(False)
+        request.addfinalizer(lambda: _native.set_vector_kernels(previous))
     return request.param
 
 

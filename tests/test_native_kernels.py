@@ -174,11 +174,21 @@ def require_c(monkeypatch) -> None:
         pytest.fail(f"C kernels did not load: {_native.native_status()}")
 
 
-@pytest.fixture
-def c_path(monkeypatch):
-    """Force the C kernel: skip without a compiler, fail if it does not load, and make any use
-    of the torch implementation an error."""
+def use_vector_kernels(request, enabled: bool) -> None:
+    """Switch the AVX-512 kernels on or off for one test (skip if asked for and not built)."""
+    if enabled and not _native.vector_kernels_available():
+        pytest.skip("the AVX-512 kernels are not built on this CPU")
+    previous = _native.set_vector_kernels(enabled)
+    request.addfinalizer(lambda: _native.set_vector_kernels(previous))
+
+
+@pytest.fixture(params=["vector", "generic"])
+def c_path(request, monkeypatch):
+    """Force the C kernels, once with the AVX-512 ones where they apply and once with the generic
+    ones only: skip without a compiler, fail if they do not load, and make any use of the torch
+    implementation an error."""
     require_c(monkeypatch)
+    use_vector_kernels(request, request.param == "vector")
 
     def torch_path(*args, **kwargs):
         raise AssertionError("the torch implementation ran instead of the C kernel")
@@ -322,7 +332,7 @@ def test_no_grad_forward_matches_grad_forward_and_reference(c_path, shape):
     )
     with torch.no_grad():
         plain = multilabel_as_softmax_loss(logits, target, 0.1, reduction="none")
-    loss, _, _ = check_reference(logits.contiguous(), target, 0.1, "none")
+    loss, _, _ = check_reference(logits, target, 0.1, "none")  # clone keeps the strides
     assert torch.equal(plain, loss)
 
 
@@ -362,6 +372,39 @@ def test_c_and_torch_paths_agree(monkeypatch, torch_calls, shape, delta):
         assert (class_rows(grad)[~masked] != 0).any(1).all()
     ratio = multilabel_masked_sample_ratio(logits, target, delta)
     assert ratio.item() == pytest.approx(masked.double().mean().item(), abs=1e-7)
+
+
+@needs_compiler
+@pytest.mark.parametrize("labels", [torch.float32, torch.bool])
+@pytest.mark.parametrize("num_classes", [1, 2, 3, 5, 8, 15, 16])
+@pytest.mark.parametrize("layout", ["rows", "tokens"])
+def test_vector_and_generic_kernels_agree(request, monkeypatch, layout, num_classes, labels):
+    """The AVX-512 kernels against the generic C ones on the same inputs: rows and token-major
+    views, tiles cut short (rows not a multiple of 16, tiles across samples), hostile rows."""
+    require_c(monkeypatch)
+    use_vector_kernels(request, True)
+    m = 16 * 7 + 5
+    logits, target = mixed_rows(m, num_classes, seed=63 + num_classes)
+    logits[3, 0] = math.nan
+    logits[5, -1] = math.inf
+    logits[7, 0] = -math.inf  # a class ruled out
+    logits[9] = torch.where(target[9], -120.0, 40.0)  # positives underflow: the exact path
+    if layout == "tokens":  # (N, L, C) viewed as (N, C, L): rows contiguous, L = 39 per sample
+        logits = logits.reshape(3, 39, num_classes).transpose(1, 2)
+        target = target.reshape(3, 39, num_classes).transpose(1, 2)
+    target = target.to(labels)
+    g = torch.Generator().manual_seed(64)
+    weights = torch.rand(logits.shape[:1] + logits.shape[2:], generator=g)
+    v_loss, v_grad = _loss_and_grad(logits, target, 0.1, weights)
+    _native.set_vector_kernels(False)
+    g_loss, g_grad = _loss_and_grad(logits, target, 0.1, weights)
+
+    torch.testing.assert_close(v_loss, g_loss, rtol=2e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(v_grad, g_grad, rtol=2e-6, atol=1e-7, equal_nan=True)
+    assert torch.equal(v_loss == 0, g_loss == 0)
+    assert torch.equal(v_grad == 0, g_grad == 0)
+    assert torch.isnan(class_rows(v_grad)[3]).all() and torch.isnan(v_loss.reshape(-1)[[3, 5]]).all()
+    assert torch.isfinite(v_loss.reshape(-1)[9])
 
 
 # -- hostile rows through the C kernel ---------------------------------------------------------------

@@ -38,14 +38,18 @@ __all__ = [
     "count_not_binary",
     "kernel_applies",
     "kernel_view",
+    "native_for",
     "native_library",
     "native_status",
     "new_gradient",
     "pointer",
     "rows_major",
+    "rows_view",
     "run_rows",
     "scale_by_rows",
+    "set_vector_kernels",
     "to_input_layout",
+    "vector_kernels_available",
 ]
 
 _log = logging.getLogger(__name__)
@@ -132,6 +136,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, f"not_binary_{suffix}")
         fn.restype = i64
         fn.argtypes = [ptr, i64]
+    lib.vector_kernels_available.restype = i32
+    lib.vector_kernels_available.argtypes = []
 
 
 def _load() -> ctypes.CDLL:
@@ -182,6 +188,22 @@ def native_status() -> str:
     return _state["reason"]
 
 
+def vector_kernels_available() -> bool:
+    """Whether the library has the AVX-512 kernels for float rows with few labels (it has when the
+    compiler targets a CPU with AVX-512F/BW/VL/DQ)."""
+    lib = native_library()
+    return lib is not None and bool(lib.vector_kernels_available())
+
+
+def set_vector_kernels(enabled: bool) -> bool:
+    """Use the AVX-512 kernels where they apply (the default) or always the generic C kernels,
+    e.g. to test both on one machine; returns the previous setting."""
+    flag = ctypes.c_int.in_dll(native_library(), "vector_kernels_enabled")
+    previous = bool(flag.value)
+    flag.value = int(enabled)
+    return previous
+
+
 def _executor(workers: int) -> ThreadPoolExecutor:
     # Keyed by process too: a forked child (e.g. a DataLoader worker) has none of the threads.
     key = (os.getpid(), workers)
@@ -209,12 +231,22 @@ MAX_STRIDED_CLASSES = 4096
 
 def kernel_applies(layout, dtypes: tuple[torch.dtype, ...]) -> bool:
     """Whether the compiled kernels handle these logits (CPU, a supported dtype and layout)."""
-    z = layout.z
-    if z.device.type != "cpu" or z.dtype not in dtypes:
-        return False
     if layout.columns and not layout.transposed and layout.num_classes > MAX_STRIDED_CLASSES:
         return False
-    return native_library() is not None
+    return native_for(layout.z, dtypes) is not None
+
+
+def native_for(z: Tensor, dtypes: tuple[torch.dtype, ...]) -> ctypes.CDLL | None:
+    """The compiled kernels if they handle logits ``z`` (CPU, a supported dtype), else ``None``."""
+    if z.device.type != "cpu" or z.dtype not in dtypes:
+        return None
+    return native_library()
+
+
+def rows_view(t: Tensor) -> tuple[int, tuple[int, int, int]]:
+    """``(length, strides)`` of ``(M, C)`` rows as the kernels read them: sample ``l`` of a single
+    ``(1, C, M)`` batch, so that a tile of rows is evenly spaced in memory."""
+    return t.shape[0], (0, t.stride(1), t.stride(0))
 
 
 def kernel_view(layout, t: Tensor) -> tuple[int, tuple[int, int, int]]:
@@ -223,7 +255,7 @@ def kernel_view(layout, t: Tensor) -> tuple[int, tuple[int, int, int]]:
     tile of rows is evenly spaced in memory and read without an offset table."""
     if t.dim() == 3:
         return t.shape[2], t.stride()
-    return layout.num_rows, (0, t.stride(1), t.stride(0))
+    return rows_view(t)
 
 
 def new_gradient(layout, dtype: torch.dtype) -> tuple[Tensor, tuple[int, int, int]]:
@@ -238,32 +270,36 @@ def new_gradient(layout, dtype: torch.dtype) -> tuple[Tensor, tuple[int, int, in
 
 
 def rows_major(layout, grad: Tensor) -> bool:
-    """Whether a gradient buffer is ``(M, C)`` rows while the layout walks columns."""
-    return layout.columns and grad.dim() == 2
+    """Whether a gradient buffer is ``(M, C)`` rows: those of :func:`rows_view` (``layout`` is
+    ``None``), or a layout walking columns with a row-major gradient."""
+    return layout is None or (layout.columns and grad.dim() == 2)
 
 
 def to_input_layout(layout, grad: Tensor) -> Tensor:
-    """A gradient buffer (block layout, or rows from :func:`new_gradient`) shaped like the logits."""
-    return grad if rows_major(layout, grad) else layout.to_input_layout(grad)
+    """A gradient buffer (block layout, or rows from :func:`new_gradient`) shaped like the logits;
+    ``layout`` is ``None`` for the ``(M, C)`` rows of :func:`rows_view`."""
+    if rows_major(layout, grad):
+        return grad
+    return layout.to_input_layout(grad)
 
 
-def scale_by_rows(
-    layout, v: Tensor, neg: int, pos: int, grad_loss: Tensor, out: Tensor
-) -> Tensor:
+def scale_by_rows(v: Tensor, neg: int, pos: int, grad_loss: Tensor, out: Tensor) -> Tensor:
     """``out = grad_loss * v * (pos if v < 0 else neg)`` per row in one C pass (``out`` may be
-    ``v``); ``neg`` and ``pos`` are addresses of per-row factor arrays. Entries with ``v = 0``
-    get exactly 0, whatever ``grad_loss`` holds."""
+    ``v``); ``v`` is a kernel's contiguous ``(rows, C)`` or ``(B, C, L)`` gradient buffer, and
+    ``neg`` and ``pos`` are addresses of per-row factor arrays. Entries with ``v = 0`` get
+    exactly 0, whatever ``grad_loss`` holds."""
     lib = _state["lib"]  # loaded: the forward pass that made v ran a kernel
     kernel = lib.ml_scale_f64 if v.dtype == torch.float64 else lib.ml_scale_f32
+    num_classes = v.shape[1]
     length = v.shape[2] if v.dim() == 3 else 1
     grad_loss = grad_loss.reshape(-1).contiguous()  # e.g. the expanded gradient of a sum
-    head = (pointer(v), pointer(out), neg, pos, pointer(grad_loss), layout.num_classes, length)
+    head = (pointer(v), pointer(out), neg, pos, pointer(grad_loss), num_classes, length)
 
     def call(r0: int, r1: int) -> int:
         kernel(*head, r0, r1)
         return 0
 
-    run_rows(call, layout.num_rows, layout.num_classes)
+    run_rows(call, grad_loss.shape[0], num_classes)
     return out
 
 

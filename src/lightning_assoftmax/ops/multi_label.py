@@ -24,14 +24,22 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
+from lightning_assoftmax.ops._blocks import (
+    FEW_CLASSES,
+    BlockLayout,
+    graph_is_kept,
+    scale_rows,
+    scratch,
+)
 from lightning_assoftmax.ops._native import (
     kernel_applies,
     kernel_view,
+    native_for,
     native_library,
     new_gradient,
     pointer,
     rows_major,
+    rows_view,
     run_rows,
     scale_by_rows,
     to_input_layout,
@@ -92,46 +100,59 @@ def _exact_rows(scores: Tensor, positive: Tensor, delta: float) -> tuple[Tensor,
     return loss, torch.where(positive, -grad, grad)
 
 
-def _native_forward(layout: BlockLayout, target: Tensor, delta: float, need_grad: bool):
-    """The compiled CPU kernel (see :mod:`._native`), or ``None`` where it does not run.
+#: Logits dtypes the compiled kernels take (half ones are converted to float32 first).
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-    Returns ``(loss, v, factors, redo)``: with a gradient, ``v`` holds ``p`` on kept negatives,
-    ``-1/p`` on kept positives and 0 elsewhere, and ``factors`` (``(2, rows)``: neg_scale and
-    pos_scale per row) turn it into the gradient (:func:`_apply_factors`). ``redo`` is ``None``
-    when no row needs the exact path.
+
+def _native_forward(
+    lib, z: Tensor, target: Tensor, layout: BlockLayout | None, delta: float, need_grad: bool
+):
+    """The compiled CPU kernel (see :mod:`._native`), or ``None`` if it could not run.
+
+    ``z`` and ``target`` are ``(M, C)`` rows when ``layout`` is ``None``, else tensors in that
+    block layout. Returns ``(loss, v, factors, redo)``: with a gradient, ``v`` holds ``p`` on kept
+    negatives, ``-1/p`` on kept positives and 0 elsewhere, and ``factors`` (``(2, rows)``:
+    neg_scale and pos_scale per row) turn it into the gradient (:func:`_apply_factors`).
+    ``redo`` is ``None`` when no row needs the exact path.
     """
-    if not kernel_applies(layout, (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
-        return None
-    lib = native_library()
-    cdtype = compute_dtype(layout.z.dtype)
-    z = layout.z if layout.z.dtype == cdtype else layout.z.to(cdtype)
+    cdtype = compute_dtype(z.dtype)
+    if z.dtype != cdtype:
+        z = z.to(cdtype)
     # Labels are read as they are when stored as bytes or in the compute dtype.
     y_real = target.dtype == cdtype
     if not y_real:
         if target.dtype not in (torch.bool, torch.uint8):
             target = target != 0
         target = target.view(torch.uint8)
-    rows = layout.num_rows
-    num_classes = layout.num_classes
-    length, z_strides = kernel_view(layout, z)
-    strides = (*z_strides, *kernel_view(layout, target)[1])
+    num_classes = z.shape[1]
+    if layout is None:
+        rows = z.shape[0]
+        length, z_strides = rows_view(z)
+        y_strides = rows_view(target)[1]
+    else:
+        rows = layout.num_rows
+        length, z_strides = kernel_view(layout, z)
+        y_strides = kernel_view(layout, target)[1]
     loss = torch.empty(rows, dtype=cdtype)  # not a view: callers may modify it in place
     redo = torch.empty(rows, dtype=torch.uint8)
     v, factors = None, None
     grad_strides = (0, 0, 0)
     if need_grad:
-        v, grad_strides = new_gradient(layout, cdtype)
+        if layout is None:
+            v = torch.empty(rows, num_classes, dtype=cdtype)
+            grad_strides = (0, 1, num_classes)
+        else:
+            v, grad_strides = new_gradient(layout, cdtype)
         factors = torch.empty(2, rows, dtype=cdtype)  # neg_scale and pos_scale rows
     kernel = lib.multilabel_f64 if cdtype == torch.float64 else lib.multilabel_f32
     tiny, big = _precision_limits(cdtype)
-    factor_ptrs = _factor_pointers(factors)
-    outputs = (pointer(loss), pointer(v), *factor_ptrs, pointer(redo))
-    head = (pointer(z), pointer(target), int(y_real), *outputs, num_classes, length, *strides)
-    head = (*head, *grad_strides)
-    tail = (delta, tiny, math.exp(big))  # the kernel tests |lse| > big as e^lse against e^big
+    outputs = (pointer(loss), pointer(v), *_factor_pointers(factors), pointer(redo))
+    head = (pointer(z), pointer(target), int(y_real), *outputs, num_classes, length)
+    # The kernel tests |lse| > big as e^lse against e^big.
+    head = (*head, *z_strides, *y_strides, *grad_strides, delta, tiny, math.exp(big))
 
     def call(r0: int, r1: int) -> int:
-        return kernel(*head, *tail, r0, r1)
+        return kernel(*head, r0, r1)
 
     flagged = run_rows(call, rows, num_classes)
     if flagged < 0:  # the kernel could not allocate its scratch memory
@@ -147,11 +168,9 @@ def _factor_pointers(factors: Tensor | None) -> tuple[int | None, int | None]:
     return start, start + factors.shape[1] * factors.element_size()
 
 
-def _apply_factors(
-    layout: BlockLayout, v: Tensor, factors: Tensor, grad_loss: Tensor, out: Tensor
-) -> Tensor:
+def _apply_factors(v: Tensor, factors: Tensor, grad_loss: Tensor, out: Tensor) -> Tensor:
     """``out = grad_loss * v * (pos if v < 0 else neg)`` per row, ``(neg, pos) = factors``."""
-    return scale_by_rows(layout, v, *_factor_pointers(factors), grad_loss, out)
+    return scale_by_rows(v, *_factor_pointers(factors), grad_loss, out)
 
 
 @functools.cache
@@ -161,13 +180,23 @@ def _precision_limits(cdtype: torch.dtype) -> tuple[float, float]:
 
 
 def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
-    """Per-row loss ``(M,)``, the gradient buffer in the block layout and its per-row factors.
+    """Per-row loss ``(M,)``, the gradient buffer and its per-row factors, and the block layout
+    (``None`` for ``(M, C)`` logits on the compiled kernels, which read them as they are).
 
     The factors are ``None`` when the buffer already holds the gradient (torch path, half inputs).
     """
-    layout = BlockLayout(logits)
-    target = layout.to_layout(target)
-    result = _native_forward(layout, target, delta, need_grad)
+    result = None
+    layout = None
+    lib = native_for(logits, _KERNEL_DTYPES) if logits.dim() == 2 else None
+    if lib is not None:
+        # Few classes are read in tiles with any strides; long rows are walked in place.
+        z = logits if logits.shape[1] < FEW_CLASSES else logits.contiguous()
+        result = _native_forward(lib, z, target, None, delta, need_grad)
+    if result is None:
+        layout = BlockLayout(logits)
+        target = layout.to_layout(target)
+        if lib is None and kernel_applies(layout, _KERNEL_DTYPES):
+            result = _native_forward(native_library(), layout.z, target, layout, delta, need_grad)
     if result is None:
         loss, out, redo = _torch_forward(layout, logits.dtype, target, delta, need_grad)
         factors = None
@@ -176,9 +205,11 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
     # Where 1/p_j or e^{+-lse} would lose digits or overflow, recompute with shifted exponentials.
     if redo is not None and bool(redo.any()):
         idx = redo.nonzero().squeeze(1)
-        rows = layout.rows_of(layout.z, idx).to(loss.dtype)
-        positive = layout.rows_of(target, idx) > 0.5
-        row_loss, row_grad = _exact_rows(rows, positive, delta)
+        if layout is None:
+            rows, positive = logits[idx], target[idx] > 0.5
+        else:
+            rows, positive = layout.rows_of(layout.z, idx), layout.rows_of(target, idx) > 0.5
+        row_loss, row_grad = _exact_rows(rows.to(loss.dtype), positive, delta)
         loss[idx] = row_loss
         if out is not None:
             if rows_major(layout, out):
@@ -189,8 +220,8 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
                 factors[:, idx] = 1.0
     if factors is not None and out.dtype != logits.dtype:
         # Half inputs: a half buffer cannot hold -1/p, so the gradient is formed here.
-        ones = torch.ones((), dtype=out.dtype).expand(layout.num_rows)
-        out = _apply_factors(layout, out, factors, ones, out=out).to(logits.dtype)
+        ones = torch.ones((), dtype=out.dtype).expand(loss.shape[0])
+        out = _apply_factors(out, factors, ones, out=out).to(logits.dtype)
         factors = None
     return loss, out, factors, layout
 
@@ -296,7 +327,7 @@ class _FusedMultiLabelASSoftmax(torch.autograd.Function):
         if extra.dim() == 2:  # the factors
             # In place unless autograd keeps the graph (see scale_rows).
             target = torch.empty_like(out) if graph_is_kept() else out
-            grad = _apply_factors(layout, out, extra, grad_loss, out=target)
+            grad = _apply_factors(out, extra, grad_loss, out=target)
         else:  # the rows with a non-zero loss
             shape = (-1, 1) if rows_major(layout, out) else layout.row_shape
             grad = scale_rows(out, torch.where(extra, grad_loss, 0.0).reshape(shape))

@@ -219,7 +219,7 @@ class _FusedASSoftmax(torch.autograd.Function):
             # One C pass; in place unless autograd keeps the graph (see scale_rows).
             target = torch.empty_like(out) if graph_is_kept() else out
             factor = inv_mass.data_ptr()
-            grad = scale_by_rows(layout, out, factor, factor, grad_loss, target)
+            grad = scale_by_rows(out, factor, factor, grad_loss, target)
             return to_input_layout(layout, grad), None, None, None
         scale = (grad_loss.to(inv_mass.dtype) * inv_mass).reshape(layout.row_shape)
         grad = scale_rows(out, scale)

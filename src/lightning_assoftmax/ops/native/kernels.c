@@ -129,6 +129,18 @@ static inline void tile_offsets(long t0, long n, long L, long sb, long sl, long 
 /* Whether rows t0 .. t0 + n - 1 share one b (so they are evenly spaced in memory). */
 static inline int tile_within_one_b(long t0, long n, long L) { return t0 / L == (t0 + n - 1) / L; }
 
+/* The AVX-512 kernels for float rows with few labels (multilabel_avx512.h), where the compiler
+ * targets such a CPU. Tests switch them off to run the generic kernels on the same inputs. */
+int vector_kernels_enabled = 1;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#include "multilabel_avx512.h"
+#define ML_SMALL_ROWS ml16_rows
+#define ML_SMALL_SCALE ml16_scale
+int vector_kernels_available(void) { return 1; }
+#else
+int vector_kernels_available(void) { return 0; }
+#endif
+
 #define REAL float
 #define SFX(name) name##_f32
 #define EXPR exp_f32
@@ -144,6 +156,8 @@ static inline int tile_within_one_b(long t0, long n, long L) { return t0 / L == 
 #undef LOGR
 #undef LOG1PR
 #undef INFR
+#undef ML_SMALL_ROWS
+#undef ML_SMALL_SCALE
 
 /* Double rows: libm (float64 inputs, e.g. gradcheck, where speed matters less). */
 #define REAL double

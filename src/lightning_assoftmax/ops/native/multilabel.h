@@ -77,19 +77,22 @@ static long SFX(ml_lanes)(const REAL *s, const void *yv, int y_real, REAL *loss,
     for (long t0 = r0; t0 < r1; t0 += LANES) {
         long n = r1 - t0 < LANES ? r1 - t0 : LANES;
         int one_b = tile_within_one_b(t0, n, L);
-        tile_offsets(t0, n, L, ssb, ssl, os);
-        tile_offsets(t0, n, L, syb, syl, oy);
-        tile_offsets(t0, n, L, gsb, gsl, og);
+        /* Within one b the rows are evenly spaced: only the first offset is needed. */
+        long walk = one_b ? 1 : n;
+        tile_offsets(t0, walk, L, ssb, ssl, os);
+        tile_offsets(t0, walk, L, syb, syl, oy);
+        tile_offsets(t0, walk, L, gsb, gsl, og);
         SFX(tile_load)(s, os, one_b, n, C, ssc, ssl, x);
         /* Labels as 0/1 bytes, class-major like the scores (read as REAL or as bytes). */
         for (long c = 0; c < C; c++) {
             uint8_t *yc = yy + c * LANES;
+            long step = one_b ? syl : 0;
             if (y_real) {
                 const REAL *y = (const REAL *)yv + c * syc;
-                for (long j = 0; j < n; j++) yc[j] = y[oy[j]] != 0;
+                for (long j = 0; j < n; j++) yc[j] = y[oy[one_b ? 0 : j] + j * step] != 0;
             } else {
                 const uint8_t *y = (const uint8_t *)yv + c * syc;
-                for (long j = 0; j < n; j++) yc[j] = y[oy[j]] != 0;
+                for (long j = 0; j < n; j++) yc[j] = y[oy[one_b ? 0 : j] + j * step] != 0;
             }
             for (long j = n; j < LANES; j++) yc[j] = yc[0];
         }
@@ -258,6 +261,17 @@ long SFX(multilabel)(const REAL *s, const void *y, int y_real, REAL *loss, REAL 
                      long r1) {
     /* Below LANES_MAX_C classes a row is too short for its vector loops; tiles of LANES rows are
      * faster even though rows are then gathered and scattered. */
+#ifdef ML_SMALL_ROWS
+    /* Score and label rows one after another in memory (the gradient may have any strides). */
+    if (vector_kernels_enabled && C <= 16 && ssc == 1 && ssl == C && (L == 1 || ssb == L * C) &&
+        syc == 1 && syl == C && (L == 1 || syb == L * C)) {
+        fp_mode saved = flush_subnormals();
+        long flagged = ML_SMALL_ROWS(s, y, y_real, loss, g, gn, gp, redo, C, L, gsb, gsc, gsl,
+                                     (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1);
+        restore_fp_mode(saved);
+        return flagged;
+    }
+#endif
     int lanes = C < LANES_MAX_C || (ssl == 1 && L >= LANES && C <= 4096);
     long width = lanes ? C * LANES : C;
     REAL *buf = (REAL *)malloc((size_t)width * 3 * sizeof(REAL));
@@ -280,6 +294,12 @@ long SFX(multilabel)(const REAL *s, const void *y, int y_real, REAL *loss, REAL 
  * row) get exactly 0, whatever go is. */
 void SFX(ml_scale)(const REAL *v, REAL *out, const REAL *gn, const REAL *gp, const REAL *go,
                    long C, long L, long r0, long r1) {
+#ifdef ML_SMALL_SCALE
+    if (vector_kernels_enabled && L == 1 && C <= 16) {
+        ML_SMALL_SCALE(v, out, gn, gp, go, C, r0, r1);
+        return;
+    }
+#endif
     if (L == 1 && C < 16) {
         /* Short rows: walk blocks of 16 rows as one flat run of 16 C entries, each reading its
          * row's factors through a table of row numbers (a vector gather, no division). */
