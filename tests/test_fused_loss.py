@@ -595,6 +595,27 @@ def test_multilabel_target_value_errors(kernel_path, target, bad):
         multilabel_as_softmax_loss(torch.randn(1, 2), target)
 
 
+@pytest.mark.parametrize("shape", [(37, 5), (3, 5, 11), (20, 40)])
+@pytest.mark.parametrize(
+    ("target_dtype", "bad"),
+    [(torch.float32, 0.5), (torch.float64, 0.5), (torch.uint8, 2), (torch.int64, 2)],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_multilabel_bad_label_anywhere_is_reported(
+    kernel_path, shape, target_dtype, bad, reduction, requires_grad
+):
+    # The kernels check labels as they read them: a bad one in the last, partial tile still
+    # raises the error that names it, and nothing is left behind.
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(shape, generator=g).requires_grad_(requires_grad)
+    target = (torch.rand(shape, generator=g) < 0.3).to(target_dtype)
+    target.view(-1)[-1] = bad
+    with pytest.raises(ValueError, match=f"only 0 and 1, found {bad}"):
+        multilabel_as_softmax_loss(logits, target, reduction=reduction)
+    assert logits.grad is None
+
+
 # --------------------------------------------------------------------------- device, benchmark
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops._native import count_not_binary
+from lightning_assoftmax.ops import labels_are_binary
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -142,7 +142,9 @@ def check_class_target(logits: Tensor, target: Tensor, ignore_index: int, fn: st
         )
 
 
-def check_multilabel_target(logits: Tensor, target: Tensor, fn: str) -> None:
+def check_multilabel_target(logits: Tensor, target: Tensor, fn: str, values: bool = True) -> None:
+    """Shape and type of a multi-label target and, with ``values``, that it holds only 0 and 1
+    (without: the loss ops check the values as their kernels read them)."""
     check_logits(logits, fn)
     if not isinstance(target, Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor of 0/1 labels, got {type(target).__name__}.")
@@ -152,30 +154,13 @@ def check_multilabel_target(logits: Tensor, target: Tensor, fn: str) -> None:
             f"{tuple(logits.shape)} (one 0/1 entry per label; convert class indices with "
             "F.one_hot(target, num_classes).)"
         )
-    if target.numel() and not _only_zeros_and_ones(target):
+    if values and target.numel() and not labels_are_binary(target):
         value = target[(target != 0) & (target != 1)].flatten()[0]
         bad = _shortest_repr(value)
         raise ValueError(
             f"{fn}: multi-label target must contain only 0 and 1, found {bad}. "
             "Threshold soft labels first (e.g. `(target > 0.5).float()`)."
         )
-
-
-def _only_zeros_and_ones(target: Tensor) -> bool:
-    """Whether every entry is 0 or 1, without a full-size boolean temporary per comparison."""
-    if target.dtype == torch.bool:
-        return True
-    if not target.is_floating_point():
-        low, high = torch.aminmax(target.reshape(-1))
-        return bool(low >= 0) and bool(high <= 1)
-    bad = count_not_binary(target)  # one pass in C where the compiled kernels run
-    if bad is not None:
-        return bad == 0
-    # For floats, v * v == v exactly iff v is 0 or 1 (NaN never); pieces keep temporaries small.
-    for piece in target.reshape(-1).split(1 << 20):
-        if not torch.equal(piece * piece, piece):
-            return False
-    return True
 
 
 def _shortest_repr(value: Tensor) -> str:

@@ -22,6 +22,7 @@ from lightning_assoftmax.functional._checks import (
 )
 from lightning_assoftmax.functional._layout import class_rows, from_class_rows
 from lightning_assoftmax.ops import (
+    LabelsNotBinary,
     compute_dtype,
     multilabel_as_softmax_keep,
     multilabel_as_softmax_rows_loss,
@@ -35,13 +36,18 @@ __all__ = [
 ]
 
 
-def _row_losses(logits: Tensor, target: Tensor, delta: float) -> Tensor:
+def _losses(logits: Tensor, target: Tensor, delta: float, reduction: str) -> tuple[Tensor, Tensor]:
+    """The loss reduced by ``reduction`` and the per-row losses, for validated inputs."""
     if logits.dim() == 1:
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
     if logits.numel() == 0:
         # Stay attached to the graph: backward through an empty batch must work (zero gradient).
-        return logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
-    return multilabel_as_softmax_rows_loss(logits, target, delta)
+        rows = logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
+        return (rows if reduction == "none" else rows.sum()), rows
+    if reduction == "none":
+        rows = multilabel_as_softmax_rows_loss(logits, target, delta, check_labels=True)
+        return rows, rows
+    return multilabel_as_softmax_rows_loss(logits, target, delta, reduction, check_labels=True)
 
 
 def multilabel_as_softmax_loss_and_stats(
@@ -60,18 +66,15 @@ def _loss(logits: Tensor, target: Tensor, delta: float, reduction: str) -> tuple
     fn = "multilabel_as_softmax_loss"
     delta = check_delta(delta)
     reduction = check_reduction(reduction)
-    check_multilabel_target(logits, target, fn)
-    rows = _row_losses(logits, target, delta)
+    # The label values are checked as the kernels read them (one pass less over the target).
+    check_multilabel_target(logits, target, fn, values=False)
+    try:
+        out, rows = _losses(logits, target, delta, reduction)
+    except LabelsNotBinary:
+        check_multilabel_target(logits, target, fn)  # raises the error naming the value
+        raise
     if reduction == "none":
-        out = (
-            rows.reshape(logits.shape[:1] + logits.shape[2:])
-            if logits.dim() > 1
-            else rows.reshape(())
-        )
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        out = rows.mean() if rows.shape[0] else rows.sum()
+        out = out.reshape(logits.shape[:1] + logits.shape[2:]) if logits.dim() > 1 else out.reshape(())
     return out, rows
 
 

@@ -6,6 +6,8 @@ kernels (:mod:`lightning_assoftmax.ops._native`) and fall back to their torch im
 """
 
 from lightning_assoftmax.ops.multi_label import (
+    LabelsNotBinary,
+    labels_are_binary,
     multilabel_as_softmax_keep,
     multilabel_as_softmax_rows_loss,
 )
@@ -16,9 +18,11 @@ from lightning_assoftmax.ops.single_label import (
 )
 
 __all__ = [
+    "LabelsNotBinary",
     "as_softmax_keep_threshold",
     "as_softmax_rows_loss",
     "compute_dtype",
+    "labels_are_binary",
     "multilabel_as_softmax_keep",
     "multilabel_as_softmax_rows_loss",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "run_rows",
     "scale_by_rows",
     "set_vector_kernels",
+    "split_workers",
     "to_input_layout",
     "vector_kernels_available",
 ]
@@ -129,10 +130,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes = [ptr, ptr, i64] + [ptr] * 4 + [i64] * 8 + [f64] * 2 + [i64] * 2
         fn = getattr(lib, f"multilabel_{suffix}")
         fn.restype = i64
-        fn.argtypes = [ptr, ptr, i32] + [ptr] * 5 + [i64] * 11 + [f64] * 3 + [i64] * 2
+        fn.argtypes = [ptr, ptr, i32] + [ptr] * 6 + [i64] * 11 + [f64] * 4 + [i64] * 2
         fn = getattr(lib, f"ml_scale_{suffix}")
         fn.restype = None
-        fn.argtypes = [ptr] * 5 + [i64] * 4
+        fn.argtypes = [ptr] * 5 + [f64] + [i64] * 4
         fn = getattr(lib, f"not_binary_{suffix}")
         fn.restype = i64
         fn.argtypes = [ptr, i64]
@@ -215,13 +216,21 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 def run_rows(call, num_rows: int, num_classes: int) -> int:
     """``call(r0, r1)`` over ``[0, num_rows)``, split over ``torch.get_num_threads()`` threads
-    when the work is large enough; returns the sum of the calls' results (``-1`` on failure)."""
-    workers = min(torch.get_num_threads(), max(1, num_rows * num_classes // PARALLEL_ELEMENTS))
-    if workers <= 1 or num_rows < 2 * workers:
+    when the work is large enough; returns the sum of the calls' results, or the lowest of them
+    where one is negative (a failure code)."""
+    workers = split_workers(num_rows, num_classes)
+    if workers <= 1:
         return call(0, num_rows)
     bounds = [num_rows * k // workers for k in range(workers + 1)]
     results = list(_executor(workers).map(call, bounds[:-1], bounds[1:]))
-    return -1 if min(results) < 0 else sum(results)
+    lowest = min(results)
+    return lowest if lowest < 0 else sum(results)
+
+
+def split_workers(num_rows: int, num_classes: int) -> int:
+    """How many threads :func:`run_rows` uses for these rows (1: the calling thread alone)."""
+    workers = min(torch.get_num_threads(), max(1, num_rows * num_classes // PARALLEL_ELEMENTS))
+    return workers if num_rows >= 2 * workers else 1
 
 
 #: Channel-second logits ``(N, C, L)`` with more classes than this stay on the torch path: the
@@ -283,23 +292,30 @@ def to_input_layout(layout, grad: Tensor) -> Tensor:
     return layout.to_input_layout(grad)
 
 
-def scale_by_rows(v: Tensor, neg: int, pos: int, grad_loss: Tensor, out: Tensor) -> Tensor:
+def scale_by_rows(
+    v: Tensor, neg: int, pos: int, grad_loss: Tensor | float, out: Tensor
+) -> Tensor:
     """``out = grad_loss * v * (pos if v < 0 else neg)`` per row in one C pass (``out`` may be
     ``v``); ``v`` is a kernel's contiguous ``(rows, C)`` or ``(B, C, L)`` gradient buffer, and
-    ``neg`` and ``pos`` are addresses of per-row factor arrays. Entries with ``v = 0`` get
-    exactly 0, whatever ``grad_loss`` holds."""
+    ``neg`` and ``pos`` are addresses of per-row factor arrays. ``grad_loss`` is one value per row,
+    or a number for every row. Entries with ``v = 0`` get exactly 0, whatever ``grad_loss`` is."""
     lib = _state["lib"]  # loaded: the forward pass that made v ran a kernel
     kernel = lib.ml_scale_f64 if v.dtype == torch.float64 else lib.ml_scale_f32
     num_classes = v.shape[1]
     length = v.shape[2] if v.dim() == 3 else 1
-    grad_loss = grad_loss.reshape(-1).contiguous()  # e.g. the expanded gradient of a sum
-    head = (pointer(v), pointer(out), neg, pos, pointer(grad_loss), num_classes, length)
+    num_rows = v.shape[0] * length
+    if isinstance(grad_loss, Tensor):
+        grad_loss = grad_loss.reshape(-1).contiguous()  # e.g. the expanded gradient of a sum
+        per_row, value = pointer(grad_loss), 0.0
+    else:
+        per_row, value = None, grad_loss
+    head = (pointer(v), pointer(out), neg, pos, per_row, value, num_classes, length)
 
     def call(r0: int, r1: int) -> int:
         kernel(*head, r0, r1)
         return 0
 
-    run_rows(call, grad_loss.shape[0], num_classes)
+    run_rows(call, num_rows, num_classes)
     return out
 
 

@@ -32,6 +32,7 @@ from lightning_assoftmax.ops._blocks import (
     scratch,
 )
 from lightning_assoftmax.ops._native import (
+    count_not_binary,
     kernel_applies,
     kernel_view,
     native_for,
@@ -42,11 +43,17 @@ from lightning_assoftmax.ops._native import (
     rows_view,
     run_rows,
     scale_by_rows,
+    split_workers,
     to_input_layout,
 )
 from lightning_assoftmax.ops.single_label import compute_dtype, underflow_limit
 
-__all__ = ["multilabel_as_softmax_keep", "multilabel_as_softmax_rows_loss"]
+__all__ = [
+    "LabelsNotBinary",
+    "labels_are_binary",
+    "multilabel_as_softmax_keep",
+    "multilabel_as_softmax_rows_loss",
+]
 
 
 def _cutoff_offsets(positives: Tensor, num_classes: int, delta: float) -> tuple[Tensor, Tensor]:
@@ -104,22 +111,53 @@ def _exact_rows(scores: Tensor, positive: Tensor, delta: float) -> tuple[Tensor,
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+class LabelsNotBinary(ValueError):
+    """A multi-label target holds a value other than 0 and 1 (found by a kernel that reads it)."""
+
+
+def labels_are_binary(target: Tensor) -> bool:
+    """Whether every entry of a multi-label target is 0 or 1, without a full-size boolean
+    temporary per comparison."""
+    if target.dtype == torch.bool:
+        return True
+    if not target.is_floating_point():
+        low, high = torch.aminmax(target.reshape(-1))
+        return bool(low >= 0) and bool(high <= 1)
+    bad = count_not_binary(target)  # one pass in C where the compiled kernels run
+    if bad is not None:
+        return bad == 0
+    # For floats, v * v == v exactly iff v is 0 or 1 (NaN never); pieces keep temporaries small.
+    for piece in target.reshape(-1).split(1 << 20):
+        if not torch.equal(piece * piece, piece):
+            return False
+    return True
+
+
 def _native_forward(
-    lib, z: Tensor, target: Tensor, layout: BlockLayout | None, delta: float, need_grad: bool
+    lib,
+    z: Tensor,
+    target: Tensor,
+    layout: BlockLayout | None,
+    delta: float,
+    need_grad: bool,
+    reduction: str | None,
 ):
     """The compiled CPU kernel (see :mod:`._native`), or ``None`` if it could not run.
 
     ``z`` and ``target`` are ``(M, C)`` rows when ``layout`` is ``None``, else tensors in that
-    block layout. Returns ``(loss, v, factors, redo)``: with a gradient, ``v`` holds ``p`` on kept
-    negatives, ``-1/p`` on kept positives and 0 elsewhere, and ``factors`` (``(2, rows)``:
-    neg_scale and pos_scale per row) turn it into the gradient (:func:`_apply_factors`).
-    ``redo`` is ``None`` when no row needs the exact path.
+    block layout. Returns ``(loss, v, factors, redo, total, labels_checked)``: with a gradient,
+    ``v`` holds ``p`` on kept negatives, ``-1/p`` on kept positives and 0 elsewhere, and
+    ``factors`` (neg_scale, then pos_scale per row, in one flat buffer) turn it into the gradient
+    (:func:`_apply_factors`). ``redo`` is ``None`` when no row needs the exact path; ``total`` is
+    the ``reduction`` of the losses when the kernel could form it, else ``None``. Raises
+    :class:`LabelsNotBinary` when the kernel read a label other than 0 and 1.
     """
     cdtype = compute_dtype(z.dtype)
     if z.dtype != cdtype:
         z = z.to(cdtype)
-    # Labels are read as they are when stored as bytes or in the compute dtype.
+    # Labels are read as they are (and checked) when stored as bytes or in the compute dtype.
     y_real = target.dtype == cdtype
+    labels_checked = y_real or target.dtype in (torch.bool, torch.uint8)
     if not y_real:
         if target.dtype not in (torch.bool, torch.uint8):
             target = target != 0
@@ -134,43 +172,60 @@ def _native_forward(
         length, z_strides = kernel_view(layout, z)
         y_strides = kernel_view(layout, target)[1]
     loss = torch.empty(rows, dtype=cdtype)  # not a view: callers may modify it in place
-    redo = torch.empty(rows, dtype=torch.uint8)
-    v, factors = None, None
-    grad_strides = (0, 0, 0)
+    # One buffer for the per-row factors (if any) and then the redo flags (bytes).
+    size = loss.element_size()
+    factor_count = 2 * rows if need_grad else 0
+    aux = torch.empty(factor_count + -(-rows // size), dtype=cdtype)
+    start = aux.data_ptr()
+    v, grad_strides = None, (0, 0, 0)
     if need_grad:
         if layout is None:
             v = torch.empty(rows, num_classes, dtype=cdtype)
             grad_strides = (0, 1, num_classes)
         else:
             v, grad_strides = new_gradient(layout, cdtype)
-        factors = torch.empty(2, rows, dtype=cdtype)  # neg_scale and pos_scale rows
+    # The kernel forms the reduction when one thread does all rows.
+    total = None
+    if reduction is not None and split_workers(rows, num_classes) == 1:
+        total = torch.empty((), dtype=cdtype)
     kernel = lib.multilabel_f64 if cdtype == torch.float64 else lib.multilabel_f32
     tiny, big = _precision_limits(cdtype)
-    outputs = (pointer(loss), pointer(v), *_factor_pointers(factors), pointer(redo))
+    factor_ptrs = _factor_pointers(aux, rows) if need_grad else (None, None)
+    redo_ptr = start + factor_count * size
+    outputs = (pointer(loss), pointer(v), *factor_ptrs, redo_ptr, pointer(total))
     head = (pointer(z), pointer(target), int(y_real), *outputs, num_classes, length)
     # The kernel tests |lse| > big as e^lse against e^big.
     head = (*head, *z_strides, *y_strides, *grad_strides, delta, tiny, math.exp(big))
+    head = (*head, 1.0 / rows if reduction == "mean" else 1.0)
 
     def call(r0: int, r1: int) -> int:
         return kernel(*head, r0, r1)
 
     flagged = run_rows(call, rows, num_classes)
+    if flagged == -2:
+        raise LabelsNotBinary("multi-label target holds a value other than 0 and 1")
     if flagged < 0:  # the kernel could not allocate its scratch memory
         return None
-    return loss, v, factors, redo.bool() if flagged else None
+    redo = None
+    if flagged:
+        redo = aux.view(torch.uint8)[factor_count * size :][:rows].bool()
+        total = None  # the redone rows change it
+    factors = aux if need_grad else None
+    return loss, v, factors, redo, total, labels_checked
 
 
-def _factor_pointers(factors: Tensor | None) -> tuple[int | None, int | None]:
-    """Addresses of the two rows of a contiguous ``(2, rows)`` factor buffer (no view objects)."""
-    if factors is None:
-        return None, None
+def _factor_pointers(factors: Tensor, rows: int) -> tuple[int, int]:
+    """Addresses of neg_scale and pos_scale in a kernel's flat factor buffer (no view objects)."""
     start = factors.data_ptr()
-    return start, start + factors.shape[1] * factors.element_size()
+    return start, start + rows * factors.element_size()
 
 
-def _apply_factors(v: Tensor, factors: Tensor, grad_loss: Tensor, out: Tensor) -> Tensor:
-    """``out = grad_loss * v * (pos if v < 0 else neg)`` per row, ``(neg, pos) = factors``."""
-    return scale_by_rows(v, *_factor_pointers(factors), grad_loss, out)
+def _apply_factors(
+    v: Tensor, factors: Tensor, rows: int, grad_loss: Tensor | float, out: Tensor
+) -> Tensor:
+    """``out = grad_loss * v * (pos if v < 0 else neg)`` per row, ``(neg, pos) = factors``;
+    ``grad_loss`` per row, or one number for all."""
+    return scale_by_rows(v, *_factor_pointers(factors, rows), grad_loss, out)
 
 
 @functools.cache
@@ -179,11 +234,21 @@ def _precision_limits(cdtype: torch.dtype) -> tuple[float, float]:
     return underflow_limit(cdtype), 0.68 * math.log(torch.finfo(cdtype).max)
 
 
-def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
-    """Per-row loss ``(M,)``, the gradient buffer and its per-row factors, and the block layout
-    (``None`` for ``(M, C)`` logits on the compiled kernels, which read them as they are).
+def _forward(
+    logits: Tensor,
+    target: Tensor,
+    delta: float,
+    need_grad: bool,
+    reduction: str | None = None,
+    check_labels: bool = False,
+):
+    """``(loss, out, factors, layout, total)``: per-row loss ``(M,)``, the gradient buffer and
+    its per-row factors, the block layout (``None`` for ``(M, C)`` logits on the compiled
+    kernels, which read them as they are) and, for a ``reduction``, the reduced loss.
 
     The factors are ``None`` when the buffer already holds the gradient (torch path, half inputs).
+    With ``check_labels``, a target value other than 0 and 1 raises :class:`LabelsNotBinary`
+    (the kernels check what they read; other paths check here).
     """
     result = None
     layout = None
@@ -191,17 +256,20 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
     if lib is not None:
         # Few classes are read in tiles with any strides; long rows are walked in place.
         z = logits if logits.shape[1] < FEW_CLASSES else logits.contiguous()
-        result = _native_forward(lib, z, target, None, delta, need_grad)
+        result = _native_forward(lib, z, target, None, delta, need_grad, reduction)
     if result is None:
         layout = BlockLayout(logits)
         target = layout.to_layout(target)
         if lib is None and kernel_applies(layout, _KERNEL_DTYPES):
-            result = _native_forward(native_library(), layout.z, target, layout, delta, need_grad)
+            lib = native_library()
+            result = _native_forward(lib, layout.z, target, layout, delta, need_grad, reduction)
     if result is None:
         loss, out, redo = _torch_forward(layout, logits.dtype, target, delta, need_grad)
-        factors = None
+        factors, total, labels_checked = None, None, False
     else:
-        loss, out, factors, redo = result
+        loss, out, factors, redo, total, labels_checked = result
+    if check_labels and not labels_checked and not labels_are_binary(target):
+        raise LabelsNotBinary("multi-label target holds a value other than 0 and 1")
     # Where 1/p_j or e^{+-lse} would lose digits or overflow, recompute with shifted exponentials.
     if redo is not None and bool(redo.any()):
         idx = redo.nonzero().squeeze(1)
@@ -217,13 +285,15 @@ def _forward(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
             else:
                 layout.set_rows(out, idx, row_grad.to(out.dtype))
             if factors is not None:  # the exact rows are gradients already
-                factors[:, idx] = 1.0
+                factors[idx] = 1.0
+                factors[idx + loss.shape[0]] = 1.0
     if factors is not None and out.dtype != logits.dtype:
         # Half inputs: a half buffer cannot hold -1/p, so the gradient is formed here.
-        ones = torch.ones((), dtype=out.dtype).expand(loss.shape[0])
-        out = _apply_factors(out, factors, ones, out=out).to(logits.dtype)
+        out = _apply_factors(out, factors, loss.shape[0], 1.0, out=out).to(logits.dtype)
         factors = None
-    return loss, out, factors, layout
+    if reduction is not None and total is None:
+        total = loss.mean() if reduction == "mean" else loss.sum()
+    return loss, out, factors, layout, total
 
 
 def _torch_forward(
@@ -307,46 +377,73 @@ def _torch_forward(
 
 
 class _FusedMultiLabelASSoftmax(torch.autograd.Function):
-    """Per-row multi-label loss with the gradient prepared in the forward pass."""
+    """Per-row multi-label loss with the gradient prepared in the forward pass.
+
+    With ``reduction`` ``"mean"`` or ``"sum"`` the reduced loss is the output that carries the
+    gradient, and the per-row losses come along detached: one autograd node, not two.
+    """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, delta: float):
-        loss, out, factors, layout = _forward(logits, target, delta, True)
+    def forward(
+        ctx, logits: Tensor, target: Tensor, delta: float, reduction: str | None, check: bool
+    ):
+        loss, out, factors, layout, total = _forward(logits, target, delta, True, reduction, check)
         # A row with loss exactly 0 is a masked sample: its gradient is exactly 0, not round-off.
         # The factors path zeroes it in the C pass (v = 0 there); otherwise a mask is saved (not
         # the loss itself, so callers may modify the loss in place).
         ctx.save_for_backward(out, loss != 0 if factors is None else factors)
         ctx.layout = layout
-        return loss
+        ctx.reduction = reduction
+        ctx.rows = loss.shape[0]
+        if reduction is None:
+            return loss
+        ctx.mark_non_differentiable(loss)
+        return total, loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor):
+    def backward(ctx, grad_loss: Tensor, *_unused):
         out, extra = ctx.saved_tensors
         layout = ctx.layout
-        if extra.dim() == 2:  # the factors
+        rows = ctx.rows
+        if extra.dtype != torch.bool:  # the factors
+            if ctx.reduction is not None:  # one number for every row
+                grad_loss = grad_loss.item() / (rows if ctx.reduction == "mean" else 1)
             # In place unless autograd keeps the graph (see scale_rows).
             target = torch.empty_like(out) if graph_is_kept() else out
-            grad = _apply_factors(out, extra, grad_loss, out=target)
+            grad = _apply_factors(out, extra, rows, grad_loss, out=target)
         else:  # the rows with a non-zero loss
+            if ctx.reduction is not None:
+                scale = grad_loss / rows if ctx.reduction == "mean" else grad_loss
+                grad_loss = scale.expand(rows)
             shape = (-1, 1) if rows_major(layout, out) else layout.row_shape
             grad = scale_rows(out, torch.where(extra, grad_loss, 0.0).reshape(shape))
-        return to_input_layout(layout, grad), None, None
+        return to_input_layout(layout, grad), None, None, None, None
 
 
-def multilabel_as_softmax_rows_loss(logits: Tensor, target: Tensor, delta: float) -> Tensor:
+def multilabel_as_softmax_rows_loss(
+    logits: Tensor,
+    target: Tensor,
+    delta: float,
+    reduction: str | None = None,
+    check_labels: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Per-row multi-label AS-Softmax loss ``(M,)`` for validated, non-empty inputs.
 
     Args:
         logits: ``(M, C)`` or ``(N, C, d1, ...)`` (labels second), any float dtype.
         target: 0/1 labels of the same shape (float, integer or bool).
         delta: margin in ``[0, 1]``.
+        reduction: ``None`` returns the per-row losses; ``"mean"`` or ``"sum"`` returns
+            ``(reduced loss, per-row losses)``, the latter without gradient.
+        check_labels: raise :class:`LabelsNotBinary` if ``target`` holds a value other than
+            0 and 1 (checked while the kernels read it, where they do).
 
     Rows are ordered as ``logits.movedim(1, -1).reshape(-1, C)``. The loss is float64 for
     float64 logits, else float32; the gradient comes in the logits' dtype.
     """
     if logits.requires_grad and torch.is_grad_enabled():
-        return _FusedMultiLabelASSoftmax.apply(logits, target, delta)
+        return _FusedMultiLabelASSoftmax.apply(logits, target, delta, reduction, check_labels)
     with torch.no_grad():
-        loss = _forward(logits, target, delta, False)[0]
-    return loss
+        loss, _, _, _, total = _forward(logits, target, delta, False, reduction, check_labels)
+    return loss if reduction is None else (total, loss)

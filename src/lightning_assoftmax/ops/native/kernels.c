@@ -132,7 +132,8 @@ static inline int tile_within_one_b(long t0, long n, long L) { return t0 / L == 
 /* The AVX-512 kernels for float rows with few labels (multilabel_avx512.h), where the compiler
  * targets such a CPU. Tests switch them off to run the generic kernels on the same inputs. */
 int vector_kernels_enabled = 1;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && defined(__BMI2__)
 #include "multilabel_avx512.h"
 #define ML_SMALL_ROWS ml16_rows
 #define ML_SMALL_SCALE ml16_scale

@@ -252,54 +252,87 @@ static long SFX(ml_rows)(const REAL *s, const void *yv, int y_real, REAL *loss, 
 }
 #undef TAIL
 
+/* Whether every label of rows r0 <= r < r1 is 0 or 1 (labels as REAL, or as bytes). */
+static int SFX(ml_labels_binary)(const void *yv, int y_real, long C, long L, long syb, long syc,
+                                 long syl, long r0, long r1) {
+    long bad = 0;
+    for (long r = r0; r < r1; r++) {
+        long b = r / L, l = r - b * L;
+        if (y_real) {
+            const REAL *y = (const REAL *)yv + b * syb + l * syl;
+            for (long c = 0; c < C; c++) bad += !((y[c * syc] == 0) | (y[c * syc] == 1));
+        } else {
+            const uint8_t *y = (const uint8_t *)yv + b * syb + l * syl;
+            for (long c = 0; c < C; c++) bad += y[c * syc] > 1;
+        }
+    }
+    return bad == 0;
+}
+
 /* Rows r0 <= r < r1. y holds 0/1 labels as bytes (y_real = 0) or as REAL (y_real = 1). g, gn and
- * gp may be NULL (no gradient). Returns the number of rows flagged in redo, or -1 if the scratch
- * memory could not be allocated. */
-long SFX(multilabel)(const REAL *s, const void *y, int y_real, REAL *loss, REAL *g, REAL *gn, REAL *gp,
-                     uint8_t *redo, long C, long L, long ssb, long ssc, long ssl, long syb,
-                     long syc, long syl, long gsb, long gsc, long gsl, double delta, double tiny, double ebig, long r0,
+ * gp may be NULL (no gradient); so may total, else it receives total_scale times the sum of the
+ * rows' losses (the mean or sum reduction). Returns the number of rows flagged in redo, -1 if the
+ * scratch memory could not be allocated, or -2 if a label is neither 0 nor 1 (the outputs are
+ * then unspecified). */
+long SFX(multilabel)(const REAL *s, const void *y, int y_real, REAL *loss, REAL *g, REAL *gn,
+                     REAL *gp, uint8_t *redo, REAL *total, long C, long L, long ssb, long ssc,
+                     long ssl, long syb, long syc, long syl, long gsb, long gsc, long gsl,
+                     double delta, double tiny, double ebig, double total_scale, long r0,
                      long r1) {
-    /* Below LANES_MAX_C classes a row is too short for its vector loops; tiles of LANES rows are
-     * faster even though rows are then gathered and scattered. */
+    long count;
 #ifdef ML_SMALL_ROWS
-    /* Score and label rows one after another in memory (the gradient may have any strides). */
-    if (vector_kernels_enabled && C <= 16 && ssc == 1 && ssl == C && (L == 1 || ssb == L * C) &&
-        syc == 1 && syl == C && (L == 1 || syb == L * C)) {
+    /* Score and label rows one after another in memory (the gradient may have any strides);
+     * rows below L are all in the first b, whatever the b stride. */
+    int one_b = r1 <= L;
+    if (vector_kernels_enabled && C <= 16 && ssc == 1 && ssl == C && (one_b || ssb == L * C) &&
+        syc == 1 && syl == C && (one_b || syb == L * C)) {
         fp_mode saved = flush_subnormals();
-        long flagged = ML_SMALL_ROWS(s, y, y_real, loss, g, gn, gp, redo, C, L, gsb, gsc, gsl,
-                                     (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1);
+        double sum = 0;
+        count = ML_SMALL_ROWS(s, y, y_real, loss, g, gn, gp, redo, C, L, gsb, gsc, gsl,
+                              (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1, &sum);
         restore_fp_mode(saved);
-        return flagged;
+        if (count >= 0 && total) *total = (REAL)(sum * total_scale);
+        return count;
     }
 #endif
+    if (!SFX(ml_labels_binary)(y, y_real, C, L, syb, syc, syl, r0, r1)) return -2;
+    /* Below LANES_MAX_C classes a row is too short for its vector loops; tiles of LANES rows are
+     * faster even though rows are then gathered and scattered. */
     int lanes = C < LANES_MAX_C || (ssl == 1 && L >= LANES && C <= 4096);
     long width = lanes ? C * LANES : C;
     REAL *buf = (REAL *)malloc((size_t)width * 3 * sizeof(REAL));
     if (!buf) return -1;
     fp_mode mode = flush_subnormals();
     uint8_t *ybuf = (uint8_t *)(buf + 2 * width);
-    long count = lanes ? SFX(ml_lanes)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb, syc,
-                                       syl, gsb, gsc, gsl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1, buf,
-                                       buf + width, ybuf)
-                       : SFX(ml_rows)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb, syc,
-                                      syl, gsb, gsc, gsl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0, r1, buf,
-                                      buf + width, buf + 2 * width);
+    count = lanes ? SFX(ml_lanes)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb,
+                                  syc, syl, gsb, gsc, gsl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0,
+                                  r1, buf, buf + width, ybuf)
+                  : SFX(ml_rows)(s, y, y_real, loss, g, gn, gp, redo, C, L, ssb, ssc, ssl, syb,
+                                 syc, syl, gsb, gsc, gsl, (REAL)delta, (REAL)tiny, (REAL)ebig, r0,
+                                 r1, buf, buf + width, buf + 2 * width);
     restore_fp_mode(mode);
     free(buf);
+    if (total) {
+        double sum = 0;
+        for (long r = r0; r < r1; r++) sum += loss[r];
+        *total = (REAL)(sum * total_scale);
+    }
     return count;
 }
 
 /* Backward: out = go[r] * v * (v < 0 ? gp : gn) per row r0 <= r < r1 of the contiguous (B, C, L)
- * buffer v (out may be v itself). Entries with v = 0 (masked terms, and every term of a masked
- * row) get exactly 0, whatever go is. */
+ * buffer v (out may be v itself); go NULL means go_value for every row (a reduced loss). Entries
+ * with v = 0 (masked terms, and every term of a masked row) get exactly 0, whatever go is. */
 void SFX(ml_scale)(const REAL *v, REAL *out, const REAL *gn, const REAL *gp, const REAL *go,
-                   long C, long L, long r0, long r1) {
+                   double go_value, long C, long L, long r0, long r1) {
 #ifdef ML_SMALL_SCALE
     if (vector_kernels_enabled && L == 1 && C <= 16) {
-        ML_SMALL_SCALE(v, out, gn, gp, go, C, r0, r1);
+        ML_SMALL_SCALE(v, out, gn, gp, go, (REAL)go_value, C, r0, r1);
         return;
     }
 #endif
+    REAL same[16];
+    for (int i = 0; i < 16; i++) same[i] = (REAL)go_value;
     if (L == 1 && C < 16) {
         /* Short rows: walk blocks of 16 rows as one flat run of 16 C entries, each reading its
          * row's factors through a table of row numbers (a vector gather, no division). */
@@ -307,7 +340,7 @@ void SFX(ml_scale)(const REAL *v, REAL *out, const REAL *gn, const REAL *gp, con
         for (int k = 0; k < 16 * C; k++) row_of[k] = k / (int)C;
         long r = r0;
         for (; r + 16 <= r1; r += 16) {
-            const REAL *vr = v + r * C, *n = gn + r, *p = gp + r, *g = go + r;
+            const REAL *vr = v + r * C, *n = gn + r, *p = gp + r, *g = go ? go + r : same;
             REAL *o = out + r * C;
 #pragma omp simd
             for (long k = 0; k < 16 * C; k++) {
@@ -322,7 +355,8 @@ void SFX(ml_scale)(const REAL *v, REAL *out, const REAL *gn, const REAL *gp, con
         for (long r = r0; r < r1; r++) {
             const REAL *vr = v + r * C;
             REAL *o = out + r * C;
-            REAL n = gn[r] * go[r], p = gp[r] * go[r];
+            REAL gr = go ? go[r] : (REAL)go_value;
+            REAL n = gn[r] * gr, p = gp[r] * gr;
 #pragma omp simd
             for (long c = 0; c < C; c++) {
                 REAL t = vr[c];
@@ -335,14 +369,23 @@ void SFX(ml_scale)(const REAL *v, REAL *out, const REAL *gn, const REAL *gp, con
     for (long r = r0; r < r1;) {
         long b = r / L, l0 = r - b * L;
         long l1 = L - l0 > r1 - r ? l0 + (r1 - r) : L;
-        const REAL *n = gn + b * L, *p = gp + b * L, *g = go + b * L;
+        const REAL *n = gn + b * L, *p = gp + b * L, *g = go ? go + b * L : NULL;
+        REAL g0 = (REAL)go_value;
         for (long c = 0; c < C; c++) {
             const REAL *vc = v + (b * C + c) * L;
             REAL *o = out + (b * C + c) * L;
+            if (g) {
 #pragma omp simd
-            for (long l = l0; l < l1; l++) {
-                REAL t = vc[l];
-                o[l] = t == 0 ? (REAL)0 : t * (t < 0 ? p[l] : n[l]) * g[l];
+                for (long l = l0; l < l1; l++) {
+                    REAL t = vc[l];
+                    o[l] = t == 0 ? (REAL)0 : t * (t < 0 ? p[l] : n[l]) * g[l];
+                }
+            } else {
+#pragma omp simd
+                for (long l = l0; l < l1; l++) {
+                    REAL t = vc[l];
+                    o[l] = t == 0 ? (REAL)0 : t * (t < 0 ? p[l] : n[l]) * g0;
+                }
             }
         }
         r += l1 - l0;

@@ -22,12 +22,29 @@ typedef struct {
     __m512i out_idx[ML16][ML16 / 2]; /* [k][q]: from the class pair (2q, 2q + 1) */
     __mmask16 out_sel[ML16][ML16 / 2];
     __m512i row_of[ML16];            /* [k]: tile row of each lane of row vector k */
-    int pairs;
+    /* Labels as bits: flat element f is bit f of 64-bit word f / 64 (f mod 64 in it); class c's
+     * bits (one per row) are extracted from word w with bit_sel[c][w] and shifted by
+     * bit_at[c][w] (the bits that earlier words gave). */
+    uint64_t bit_sel[ML16][ML16 / 4];
+    int bit_at[ML16][ML16 / 4];
+    int pairs, words;
 } ml16_tables;
 
 static void ml16_prepare(ml16_tables *t, int C) {
     int lanes[ML16];
     t->pairs = (C + 1) / 2;
+    t->words = (C + 3) / 4;
+    for (int c = 0; c < C; c++) {
+        int at = 0;
+        for (int w = 0; w < t->words; w++) {
+            uint64_t sel = 0;
+            for (int f = 64 * w; f < 64 * w + 64 && f < ML16 * C; f++)
+                if (f % C == c) sel |= (uint64_t)1 << (f - 64 * w);
+            t->bit_sel[c][w] = sel;
+            t->bit_at[c][w] = at;
+            at += __builtin_popcountll(sel);
+        }
+    }
     for (int c = 0; c < C; c++) {
         for (int q = 0; q < t->pairs; q++) {
             unsigned sel = 0;
@@ -135,17 +152,39 @@ static inline __m512 ml16_log1p(__m512 a) {
     return _mm512_mask_mov_ps(r, exact, a); /* log1p(a) = a below float's resolution, inf */
 }
 
-/* The C vectors of a tile's n rows (zero past them); byte labels become int32 0/1 lanes. */
+/* The C vectors of a tile's n rows (zero past them). */
 static inline void ml16_load(const float *src, long n, int C, __m512 *in) {
     for (int k = 0; k < C; k++)
         in[k] = _mm512_maskz_loadu_ps(ml16_mask(n * C, k), src + (long)k * ML16);
 }
 
-static inline void ml16_load_bytes(const uint8_t *src, long n, int C, __m512 *in) {
+/* Label masks of a tile: Y[c] bit j is set when row j's label c is nonzero (NaN too, as in
+ * ml_lanes). Labels are compared where they lie (C vectors of 16) and the bits regrouped by
+ * class with pext. Returns the lanes holding a label other than 0 and 1. */
+static inline __mmask16 ml16_labels(const ml16_tables *t, const void *yv, int y_real, long n,
+                                    int C, __mmask16 *Y) {
+    uint64_t words[ML16 / 4] = {0, 0, 0, 0};
+    __mmask16 not_binary = 0;
     for (int k = 0; k < C; k++) {
-        __m128i b = _mm_maskz_loadu_epi8(ml16_mask(n * C, k), src + (long)k * ML16);
-        in[k] = _mm512_castsi512_ps(_mm512_cvtepu8_epi32(b));
+        __mmask16 mk = ml16_mask(n * C, k), nonzero;
+        if (y_real) {
+            __m512 y = _mm512_maskz_loadu_ps(mk, (const float *)yv + (long)k * ML16);
+            nonzero = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+            not_binary |= nonzero & _mm512_cmp_ps_mask(y, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ);
+        } else {
+            __m128i y = _mm_maskz_loadu_epi8(mk, (const uint8_t *)yv + (long)k * ML16);
+            nonzero = _mm_test_epi8_mask(y, y);
+            not_binary |= _mm_cmpgt_epu8_mask(y, _mm_set1_epi8(1));
+        }
+        words[k / 4] |= (uint64_t)nonzero << (16 * (k % 4));
     }
+    for (int c = 0; c < C; c++) {
+        uint64_t bits = 0;
+        for (int w = 0; w < t->words; w++)
+            bits |= _pext_u64(words[w], t->bit_sel[c][w]) << t->bit_at[c][w];
+        Y[c] = (__mmask16)bits;
+    }
+    return not_binary;
 }
 
 /* The class vectors V of tile rows t0 .. t0 + n - 1 into a gradient with strides (gsb, gsc, gsl)
@@ -173,41 +212,39 @@ static void ml16_store_strided(float *g, const __m512 *V, long t0, long n, long 
 
 /* Rows r0 <= r < r1 of (B, C, L) scores s and labels y (float, or bytes when !y_real) whose rows
  * r = b L + l lie one after another in memory (row r starts at r C). The gradient g (strides gsb,
- * gsc, gsl), gn and gp may be NULL. Returns the number of rows flagged in redo. */
+ * gsc, gsl), gn and gp may be NULL. Adds the rows' losses to *sum. Returns the number of rows
+ * flagged in redo, or -2 if a label is neither 0 nor 1. */
 static long ml16_rows(const float *s, const void *yv, int y_real, float *loss, float *g, float *gn,
                       float *gp, uint8_t *redo, long C, long L, long gsb, long gsc, long gsl,
-                      float delta, float tiny, float ebig, long r0, long r1) {
-    const int g_rows = gsc == 1 && gsl == C && (L == 1 || gsb == L * C);
+                      float delta, float tiny, float ebig, long r0, long r1, double *sum) {
+    const int g_rows = gsc == 1 && gsl == C && (r1 <= L || gsb == L * C);
     ml16_tables t;
     ml16_prepare(&t, (int)C);
     const int nc = (int)C;
     const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
     const __m512 inf = _mm512_set1_ps(INFINITY), vdelta = _mm512_set1_ps(delta);
     long count = 0;
+    double total = 0;
+    __mmask16 not_binary = 0; /* lanes past the tile's rows load 0: never flagged */
     __m512 in[ML16], X[ML16], V[ML16];
     __mmask16 Y[ML16];
     for (long t0 = r0; t0 < r1; t0 += ML16) {
         long n = r1 - t0 < ML16 ? r1 - t0 : ML16;
         ml16_load(s + t0 * C, n, nc, in);
         ml16_permute(t.in_idx, t.in_sel, t.pairs, in, X, nc);
-        if (y_real)
-            ml16_load((const float *)yv + t0 * C, n, nc, in);
-        else
-            ml16_load_bytes((const uint8_t *)yv + t0 * C, n, nc, in);
-        ml16_permute(t.in_idx, t.in_sel, t.pairs, in, V, nc);
+        const void *y = y_real ? (const void *)((const float *)yv + t0 * C)
+                               : (const void *)((const uint8_t *)yv + t0 * C);
+        not_binary |= ml16_labels(&t, y, y_real, n, nc, Y);
+        /* A NaN score is skipped by the max (second operand) but its e = exp(NaN) makes S, and
+         * so every p of the row, NaN: the row keeps every term and its loss is NaN, as in
+         * ml_lanes. A +inf score does the same through exp(inf - inf). */
         __m512 m = _mm512_set1_ps(-INFINITY);
-        __mmask16 bad = 0, any_pos = 0, any_neg = 0;
+        __mmask16 any_pos = 0, any_neg = 0;
         for (int c = 0; c < nc; c++) {
-            /* A label is positive when nonzero (NaN too, as in ml_lanes). */
-            Y[c] = y_real ? _mm512_cmp_ps_mask(V[c], zero, _CMP_NEQ_UQ)
-                          : _mm512_test_epi32_mask(_mm512_castps_si512(V[c]),
-                                                   _mm512_castps_si512(V[c]));
             any_pos |= Y[c];
             any_neg |= (__mmask16)~Y[c];
             m = _mm512_max_ps(X[c], m);
-            bad |= _mm512_cmp_ps_mask(X[c], X[c], _CMP_UNORD_Q);
         }
-        m = _mm512_mask_mov_ps(m, bad, _mm512_set1_ps(NAN));
         /* e = exp(s - m); the extremes of e give those of p = e / S (same rounding). */
         __m512 S = zero, min_pos = inf, max_neg = zero;
         for (int c = 0; c < nc; c++) {
@@ -248,6 +285,7 @@ static long ml16_rows(const float *s, const void *yv, int y_real, float *loss, f
                        _mm512_cmp_ps_mask(l, inf, _CMP_EQ_OQ);
         rd &= rows;
         _mm512_mask_storeu_ps(loss + t0, rows, l);
+        total += _mm512_mask_reduce_add_ps(rows, l);
         _mm_mask_storeu_epi8(redo + t0, rows, _mm_maskz_mov_epi8(rd, _mm_set1_epi8(1)));
         count += __builtin_popcount((unsigned)rd);
         if (g) {
@@ -262,20 +300,22 @@ static long ml16_rows(const float *s, const void *yv, int y_real, float *loss, f
             }
         }
     }
-    return count;
+    *sum += total;
+    return not_binary ? -2 : count;
 }
 
-/* The backward of ml16_rows (see ml_scale): out = go * v * (v < 0 ? gp : gn) per row, exactly 0
- * where v is 0; the per-row factors reach a row's lanes through one permute per vector. */
+/* The backward of ml16_rows (see ml_scale): out = go * v * (v < 0 ? gp : gn) per row (go NULL:
+ * go_value), exactly 0 where v is 0; the per-row factors reach a row's lanes through one permute
+ * per vector. */
 static void ml16_scale(const float *v, float *out, const float *gn, const float *gp,
-                       const float *go, long C, long r0, long r1) {
+                       const float *go, float go_value, long C, long r0, long r1) {
     ml16_tables t;
     ml16_prepare(&t, (int)C);
     const __m512 zero = _mm512_setzero_ps();
     for (long t0 = r0; t0 < r1; t0 += ML16) {
         long n = r1 - t0 < ML16 ? r1 - t0 : ML16;
         __mmask16 rows = ml16_mask(n, 0);
-        __m512 grad = _mm512_maskz_loadu_ps(rows, go + t0);
+        __m512 grad = go ? _mm512_maskz_loadu_ps(rows, go + t0) : _mm512_set1_ps(go_value);
         __m512 fn = _mm512_mul_ps(_mm512_maskz_loadu_ps(rows, gn + t0), grad);
         __m512 fp = _mm512_mul_ps(_mm512_maskz_loadu_ps(rows, gp + t0), grad);
         for (long k = 0; k < C; k++) {
