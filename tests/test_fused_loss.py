@@ -595,6 +595,30 @@ def test_multilabel_target_value_errors(kernel_path, target, bad):
         multilabel_as_softmax_loss(torch.randn(1, 2), target)
 
 
+@pytest.mark.parametrize("shape", [(37, 5), (3, 5, 11), (20, 40), (7,)])
+@pytest.mark.parametrize("side", ["negative", "too high"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_class_index_out_of_range_anywhere_is_reported(
+    kernel_path, shape, side, reduction, requires_grad
+):
+    # The kernel checks class indices as it reads them: one out of range in the last, partial
+    # tile raises the error naming it, ignore_index is still skipped, and nothing is left behind.
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(shape, generator=g).requires_grad_(requires_grad)
+    num_classes = shape[1] if len(shape) > 1 else shape[0]
+    target = torch.randint(0, num_classes, shape[:1] + shape[2:] if len(shape) > 1 else ())
+    if target.dim():
+        target.view(-1)[0] = -100
+    assert torch.isfinite(as_softmax_cross_entropy(logits, target, reduction=reduction)).all()
+    bad = -1 if side == "negative" else num_classes
+    target.view(-1)[-1] = bad
+    logits.grad = None
+    with pytest.raises(ValueError, match=f"class index {bad}, outside"):
+        as_softmax_cross_entropy(logits, target, reduction=reduction)
+    assert logits.grad is None
+
+
 @pytest.mark.parametrize("shape", [(37, 5), (3, 5, 11), (20, 40)])
 @pytest.mark.parametrize(
     ("target_dtype", "bad"),

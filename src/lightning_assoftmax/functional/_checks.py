@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops import labels_are_binary
+from lightning_assoftmax.ops import labels_are_binary, target_out_of_range
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -102,8 +102,12 @@ def check_logits(logits: Tensor, fn: str) -> None:
         raise ValueError(f"{fn}: logits must have a class dimension, got a 0-dim tensor.")
 
 
-def check_class_target(logits: Tensor, target: Tensor, ignore_index: int, fn: str) -> None:
-    """Validate a single-label target against ``logits`` laid out as in ``F.cross_entropy``."""
+def check_class_target(
+    logits: Tensor, target: Tensor, ignore_index: int, fn: str, values: bool = True
+) -> None:
+    """Validate a single-label target against ``logits`` laid out as in ``F.cross_entropy``;
+    with ``values``, also that every class index is in range (without: the loss ops check them
+    as their kernel reads them)."""
     check_logits(logits, fn)
     if not isinstance(target, Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor of class indices, got {type(target).__name__}.")
@@ -127,14 +131,10 @@ def check_class_target(logits: Tensor, target: Tensor, ignore_index: int, fn: st
     num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
     if num_classes == 0:
         raise ValueError(f"{fn}: logits have 0 classes (shape {tuple(logits.shape)}).")
-    if target.numel() == 0:
+    if not values or target.numel() == 0:
         return
-    # Ignored positions read as class 0 (always in range): one fused min/max, no boolean indexing.
-    zero = torch.zeros((), dtype=target.dtype, device=target.device)
-    in_use = torch.where(target != ignore_index, target, zero)
-    low, high = (int(v) for v in torch.aminmax(in_use))
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
+    bad = target_out_of_range(target, num_classes, ignore_index)
+    if bad is not None:
         raise ValueError(
             f"{fn}: target contains class index {bad}, outside [0, {num_classes - 1}] for "
             f"{num_classes} classes (ignore_index={ignore_index} marks positions to skip). "

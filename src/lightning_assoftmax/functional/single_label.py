@@ -24,7 +24,12 @@ from lightning_assoftmax.functional._checks import (
     check_reduction,
 )
 from lightning_assoftmax.functional._layout import class_rows, from_class_rows, target_rows
-from lightning_assoftmax.ops import as_softmax_keep_threshold, as_softmax_rows_loss, compute_dtype
+from lightning_assoftmax.ops import (
+    TargetOutOfRange,
+    as_softmax_keep_threshold,
+    as_softmax_rows_loss,
+    compute_dtype,
+)
 
 __all__ = [
     "as_softmax_cross_entropy",
@@ -34,27 +39,43 @@ __all__ = [
 ]
 
 
-def _row_losses(
-    logits: Tensor, target: Tensor, delta: float, ignore_index: int
-) -> tuple[Tensor, Tensor]:
-    """Per-element loss and validity, both flat ``(M,)``."""
+def _losses(
+    logits: Tensor, target: Tensor, delta: float, ignore_index: int, reduction: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, per-element loss, validity)`` for validated inputs, the last two flat ``(M,)``.
+
+    Class indices outside ``[0, C)`` raise ``TargetOutOfRange`` (checked as the kernel reads
+    them)."""
     if logits.dim() == 1:
         logits, target = logits.unsqueeze(0), target.reshape(1)
     if target.numel() == 0:
         # Stay attached to the graph: backward through an empty batch must work (zero gradient).
-        empty = logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
-        return empty, torch.zeros(0, dtype=torch.bool, device=logits.device)
-    return as_softmax_rows_loss(logits, target, delta, ignore_index)
-
-
-def _reduce(loss_rows: Tensor, valid: Tensor, reduction: str, target_shape: torch.Size) -> Tensor:
+        rows = logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
+        valid = torch.zeros(0, dtype=torch.bool, device=logits.device)
+        return (rows if reduction == "none" else rows.sum()), rows, valid
     if reduction == "none":
-        return loss_rows.reshape(target_shape)
-    total = loss_rows.sum()
-    if reduction == "sum":
-        return total
-    # mean over non-ignored elements, zero-loss rows included; all ignored -> 0, not NaN.
-    return total / valid.sum().clamp(min=1).to(total.dtype)
+        rows, valid = as_softmax_rows_loss(logits, target, delta, ignore_index, check_targets=True)
+        return rows, rows, valid
+    return as_softmax_rows_loss(logits, target, delta, ignore_index, reduction, check_targets=True)
+
+
+def _loss(
+    logits: Tensor, target: Tensor, delta: float, ignore_index: int, reduction: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reduced loss (``none``: shaped like ``target``), the per-element losses and validity."""
+    fn = "as_softmax_cross_entropy"
+    delta = check_delta(delta)
+    reduction = check_reduction(reduction)
+    # Class indices are range-checked as the kernel reads them (one pass less over the target).
+    check_class_target(logits, target, ignore_index, fn, values=False)
+    try:
+        out, rows, valid = _losses(logits, target, delta, ignore_index, reduction)
+    except TargetOutOfRange:
+        check_class_target(logits, target, ignore_index, fn)  # raises the error naming the index
+        raise
+    if reduction == "none":
+        out = out.reshape(target.shape)
+    return out, rows, valid
 
 
 def as_softmax_loss_and_stats(
@@ -70,15 +91,11 @@ def as_softmax_loss_and_stats(
     ``masked_count`` counts non-ignored elements whose loss is exactly zero (a NaN loss never is);
     ``valid_count`` counts non-ignored elements. Both are 0-dim ``torch.long`` tensors, detached.
     """
-    fn = "as_softmax_cross_entropy"
-    delta = check_delta(delta)
-    reduction = check_reduction(reduction)
-    check_class_target(logits, target, ignore_index, fn)
-    loss_rows, valid = _row_losses(logits, target, delta, ignore_index)
+    out, rows, valid = _loss(logits, target, delta, ignore_index, reduction)
     with torch.no_grad():
-        masked = (valid & (loss_rows.detach() == 0)).sum()
+        masked = (valid & (rows.detach() == 0)).sum()
         valid_count = valid.sum()
-    return _reduce(loss_rows, valid, reduction, target.shape), masked, valid_count
+    return out, masked, valid_count
 
 
 def as_softmax_cross_entropy(
@@ -116,10 +133,7 @@ def as_softmax_cross_entropy(
         >>> as_softmax_cross_entropy(logits, torch.tensor([0, 0]), delta=0.1, reduction="none")
         tensor([0.0000, 0.5981])
     """
-    loss, _, _ = as_softmax_loss_and_stats(
-        logits, target, delta, ignore_index=ignore_index, reduction=reduction
-    )
-    return loss
+    return _loss(logits, target, delta, ignore_index, reduction)[0]
 
 
 def as_softmax_keep_mask(

@@ -12,17 +12,21 @@ from lightning_assoftmax.ops.multi_label import (
     multilabel_as_softmax_rows_loss,
 )
 from lightning_assoftmax.ops.single_label import (
+    TargetOutOfRange,
     as_softmax_keep_threshold,
     as_softmax_rows_loss,
     compute_dtype,
+    target_out_of_range,
 )
 
 __all__ = [
     "LabelsNotBinary",
+    "TargetOutOfRange",
     "as_softmax_keep_threshold",
     "as_softmax_rows_loss",
     "compute_dtype",
     "labels_are_binary",
     "multilabel_as_softmax_keep",
     "multilabel_as_softmax_rows_loss",
+    "target_out_of_range",
 ]

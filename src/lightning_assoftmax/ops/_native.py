@@ -127,7 +127,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in ("f32", "f64"):
         fn = getattr(lib, f"singlelabel_{suffix}")
         fn.restype = i64
-        fn.argtypes = [ptr, ptr, i64] + [ptr] * 4 + [i64] * 8 + [f64] * 2 + [i64] * 2
+        fn.argtypes = [ptr, ptr, i64] + [ptr] * 5 + [i32] + [i64] * 8 + [f64] * 2 + [i64] * 2
         fn = getattr(lib, f"multilabel_{suffix}")
         fn.restype = i64
         fn.argtypes = [ptr, ptr, i32] + [ptr] * 6 + [i64] * 11 + [f64] * 4 + [i64] * 2

@@ -27,19 +27,34 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
+from lightning_assoftmax.ops._blocks import (
+    FEW_CLASSES,
+    BlockLayout,
+    graph_is_kept,
+    scale_rows,
+    scratch,
+)
 from lightning_assoftmax.ops._native import (
     kernel_applies,
     kernel_view,
+    native_for,
     native_library,
     new_gradient,
     pointer,
+    rows_view,
     run_rows,
     scale_by_rows,
+    split_workers,
     to_input_layout,
 )
 
-__all__ = ["as_softmax_keep_threshold", "as_softmax_rows_loss", "compute_dtype"]
+__all__ = [
+    "TargetOutOfRange",
+    "as_softmax_keep_threshold",
+    "as_softmax_rows_loss",
+    "compute_dtype",
+    "target_out_of_range",
+]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,54 +78,142 @@ def underflow_limit(cdtype: torch.dtype) -> float:
     return torch.finfo(cdtype).tiny ** 0.8
 
 
-def _native_forward(
-    layout: BlockLayout, target: Tensor, delta: float, ignore_index: int, need_grad: bool
-):
-    """The compiled CPU kernel (see :mod:`._native`) for float32/float64 logits, or ``None``.
+class TargetOutOfRange(ValueError):
+    """A class index is neither ``ignore_index`` nor in ``[0, C)`` (found by an op that reads it)."""
 
-    Returns ``(loss, valid, v, factor)``: ``v`` holds the kept probabilities and ``p_t - K`` at
-    the target, ``factor`` is ``1/K`` per row (0 where the loss is exactly 0 or ignored).
+
+def target_out_of_range(target: Tensor, num_classes: int, ignore_index: int) -> int | None:
+    """A class index of ``target`` outside ``[0, num_classes)`` other than ``ignore_index`` (the
+    lowest if one is negative, else the highest), or ``None`` if there is none."""
+    # Ignored positions read as class 0 (always in range): one fused min/max, no boolean indexing.
+    zero = torch.zeros((), dtype=target.dtype, device=target.device)
+    in_use = torch.where(target != ignore_index, target, zero)
+    low, high = (int(v) for v in torch.aminmax(in_use))
+    if low < 0:
+        return low
+    return high if high >= num_classes else None
+
+
+#: Logits dtypes the compiled single-label kernel takes.
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _native_forward(
+    lib,
+    z: Tensor,
+    target: Tensor,
+    layout: BlockLayout | None,
+    delta: float,
+    ignore_index: int,
+    need_grad: bool,
+    reduction: str | None,
+):
+    """The compiled CPU kernel (see :mod:`._native`) for float32/float64 logits, or ``None`` if
+    it could not run.
+
+    ``z`` is ``(M, C)`` rows when ``layout`` is ``None``, else the layout's logits. Returns
+    ``(loss, valid, v, factor, total, count)``: ``v`` holds the kept probabilities and ``p_t - K``
+    at the target, ``factor`` is ``1/K`` per row (0 where the loss is exactly 0 or ignored),
+    ``total`` the ``reduction`` of the losses where the kernel formed it (else ``None``) and
+    ``count`` the number of rows not ignored. Raises :class:`TargetOutOfRange` when the kernel
+    read a class index outside ``[0, C)``.
     """
-    z = layout.z
-    if not kernel_applies(layout, (torch.float32, torch.float64)):
-        return None
-    if not -(2**63) <= ignore_index < 2**63:
-        return None
-    lib = native_library()
-    rows = layout.num_rows
+    num_classes = z.shape[1]
     flat_target = target.reshape(-1)
     if flat_target.dtype != torch.int64 or not flat_target.is_contiguous():
         flat_target = flat_target.to(torch.int64).contiguous()
-    length, strides = kernel_view(layout, z)
+    if layout is None:
+        rows = z.shape[0]
+        length, strides = rows_view(z)
+    else:
+        rows = layout.num_rows
+        length, strides = kernel_view(layout, z)
     loss = torch.empty(rows, dtype=z.dtype)  # not a view: callers may modify it in place
     valid = torch.empty(rows, dtype=torch.bool)
     v, factor, grad_strides = None, None, (0, 0, 0)
     if need_grad:
-        v, grad_strides = new_gradient(layout, z.dtype)
+        if layout is None:
+            v = torch.empty(rows, num_classes, dtype=z.dtype)
+            grad_strides = (0, 1, num_classes)
+        else:
+            v, grad_strides = new_gradient(layout, z.dtype)
         factor = torch.empty(rows, dtype=z.dtype)
+    # The kernel forms the reduction when one thread does all rows.
+    total = None
+    if reduction is not None and split_workers(rows, num_classes) == 1:
+        total = torch.empty((), dtype=z.dtype)
     kernel = lib.singlelabel_f64 if z.dtype == torch.float64 else lib.singlelabel_f32
     tiny = underflow_limit(z.dtype)
     head = (pointer(z), pointer(flat_target), ignore_index, pointer(loss), pointer(valid))
-    head = (*head, pointer(v), pointer(factor), layout.num_classes, length, *strides)
-    head = (*head, *grad_strides, delta, tiny)
+    head = (*head, pointer(v), pointer(factor), pointer(total), int(reduction == "mean"))
+    head = (*head, num_classes, length, *strides, *grad_strides, delta, tiny)
 
     def call(r0: int, r1: int) -> int:
         return kernel(*head, r0, r1)
 
-    if run_rows(call, rows, layout.num_classes) < 0:  # no scratch memory
+    count = run_rows(call, rows, num_classes)
+    if count == -2:
+        raise TargetOutOfRange("target holds a class index outside [0, C)")
+    if count < 0:  # no scratch memory
         return None
-    return loss, valid, v, factor
+    return loss, valid, v, factor, total, count
 
 
-def _forward(logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad: bool):
+def _forward(
+    logits: Tensor,
+    target: Tensor,
+    delta: float,
+    ignore_index: int,
+    need_grad: bool,
+    reduction: str | None = None,
+    check_targets: bool = False,
+):
     """Per-sample loss and validity and, if asked, the gradient buffer and ``1/K`` per sample,
     from the compiled kernel where it applies, else from torch ops: ``(loss, valid, out,
-    inv_mass, layout, native)``."""
-    layout = BlockLayout(logits)
-    result = _native_forward(layout, target, delta, ignore_index, need_grad)
+    inv_mass, layout, native, total, count)``. ``layout`` is ``None`` for ``(M, C)`` logits on
+    the compiled kernel (read as they are); ``total`` is the ``reduction`` of the losses (or
+    ``None``) and ``count`` the number of rows not ignored (an int, or a tensor on the torch
+    path). With ``check_targets``, a class index outside ``[0, C)`` raises
+    :class:`TargetOutOfRange` (the kernel checks what it reads; the torch path checks here).
+    """
+    result = None
+    layout = None
+    lib = None
+    if -(2**63) <= ignore_index < 2**63:  # the kernel takes it as int64
+        lib = native_for(logits, _KERNEL_DTYPES) if logits.dim() == 2 else None
+        if lib is not None:
+            # Few classes are read in tiles with any strides; long rows are walked in place.
+            z = logits if logits.shape[1] < FEW_CLASSES else logits.contiguous()
+            result = _native_forward(
+                lib, z, target, None, delta, ignore_index, need_grad, reduction
+            )
+        if result is None:
+            layout = BlockLayout(logits)
+            if lib is None and kernel_applies(layout, _KERNEL_DTYPES):
+                result = _native_forward(
+                    native_library(), layout.z, target, layout, delta, ignore_index, need_grad,
+                    reduction,
+                )
     if result is not None:
-        return (*result, layout, True)
-    return (*_torch_forward(layout, logits, target, delta, ignore_index, need_grad), layout, False)
+        loss, valid, out, inv_mass, total, count = result
+        native = True
+    else:
+        if check_targets:
+            num_classes = logits.shape[1]
+            if target_out_of_range(target, num_classes, ignore_index) is not None:
+                raise TargetOutOfRange("target holds a class index outside [0, C)")
+        layout = layout or BlockLayout(logits)
+        loss, valid, out, inv_mass = _torch_forward(
+            layout, logits, target, delta, ignore_index, need_grad
+        )
+        native, total, count = False, None, None
+    if reduction is not None and total is None:
+        if count is None:
+            count = valid.sum()
+        total = loss.sum()
+        if reduction == "mean":  # over non-ignored elements; all ignored -> 0, not NaN
+            total = total / (count.clamp(min=1) if isinstance(count, Tensor) else max(count, 1))
+    return loss, valid, out, inv_mass, layout, native, total, count
 
 
 def _torch_forward(
@@ -197,50 +300,88 @@ def _torch_forward(
 
 
 class _FusedASSoftmax(torch.autograd.Function):
-    """Per-sample loss with the gradient prepared in the forward pass; backward is one multiply."""
+    """Per-sample loss with the gradient prepared in the forward pass; backward is one multiply.
+
+    With ``reduction`` ``"mean"`` or ``"sum"`` the reduced loss is the output that carries the
+    gradient, and the per-sample losses and validity come along detached: one autograd node.
+    """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, delta: float, ignore_index: int):
-        loss, valid, out, inv_mass, layout, native = _forward(
-            logits, target, delta, ignore_index, True
+    def forward(
+        ctx,
+        logits: Tensor,
+        target: Tensor,
+        delta: float,
+        ignore_index: int,
+        reduction: str | None,
+        check: bool,
+    ):
+        loss, valid, out, inv_mass, layout, native, total, count = _forward(
+            logits, target, delta, ignore_index, True, reduction, check
         )
         ctx.native = native
         ctx.save_for_backward(out, inv_mass)
         ctx.layout = layout
-        ctx.mark_non_differentiable(valid)
-        return loss, valid
+        ctx.reduction = reduction
+        ctx.count = count
+        if reduction is None:
+            ctx.mark_non_differentiable(valid)
+            return loss, valid
+        ctx.mark_non_differentiable(loss, valid)
+        return total, loss, valid
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor, _grad_valid: Tensor | None):
+    def backward(ctx, grad_loss: Tensor, *_unused):
         out, inv_mass = ctx.saved_tensors
         layout = ctx.layout
+        rows = inv_mass.shape[0]
+        if ctx.reduction == "mean":  # the same share of the gradient for every row
+            count = ctx.count
+            count = count.clamp(min=1) if isinstance(count, Tensor) else max(count, 1)
+            grad_loss = grad_loss / count
         if ctx.native:
+            if ctx.reduction is not None:
+                grad_loss = float(grad_loss)
             # One C pass; in place unless autograd keeps the graph (see scale_rows).
             target = torch.empty_like(out) if graph_is_kept() else out
             factor = inv_mass.data_ptr()
             grad = scale_by_rows(out, factor, factor, grad_loss, target)
-            return to_input_layout(layout, grad), None, None, None
+            return to_input_layout(layout, grad), None, None, None, None, None
+        if ctx.reduction is not None:
+            grad_loss = grad_loss.expand(rows)
         scale = (grad_loss.to(inv_mass.dtype) * inv_mass).reshape(layout.row_shape)
         grad = scale_rows(out, scale)
-        return layout.to_input_layout(grad), None, None, None
+        return layout.to_input_layout(grad), None, None, None, None, None
 
 
 def as_softmax_rows_loss(
-    logits: Tensor, target: Tensor, delta: float, ignore_index: int
-) -> tuple[Tensor, Tensor]:
+    logits: Tensor,
+    target: Tensor,
+    delta: float,
+    ignore_index: int,
+    reduction: str | None = None,
+    check_targets: bool = False,
+) -> tuple[Tensor, ...]:
     """Per-sample AS-Softmax loss ``(M,)`` and validity ``(M,)`` for validated, non-empty inputs.
 
     Args:
         logits: ``(M, C)`` or ``(N, C, d1, ...)`` (class dimension second), any float dtype.
         target: class indices, ``(M,)`` or ``(N, d1, ...)``; ``ignore_index`` marks skipped ones.
         delta: margin in ``[0, 1]``.
+        reduction: ``None`` returns ``(loss, valid)``; ``"mean"`` (over samples not ignored, 0 if
+            there are none) or ``"sum"`` returns ``(reduced loss, loss, valid)``, the last two
+            without gradient.
+        check_targets: raise :class:`TargetOutOfRange` for a class index outside ``[0, C)``
+            other than ``ignore_index`` (checked while the kernel reads it, where it does).
 
     The loss is float64 for float64 logits, else float32, and 0 at ignored samples; its gradient
     with respect to ``logits`` comes in the logits' dtype.
     """
     if logits.requires_grad and torch.is_grad_enabled():
-        return _FusedASSoftmax.apply(logits, target, delta, ignore_index)
+        return _FusedASSoftmax.apply(logits, target, delta, ignore_index, reduction, check_targets)
     with torch.no_grad():
-        loss, valid = _forward(logits, target, delta, ignore_index, False)[:2]
-    return loss, valid
+        loss, valid, *_, total, _ = _forward(
+            logits, target, delta, ignore_index, False, reduction, check_targets
+        )
+    return (loss, valid) if reduction is None else (total, loss, valid)

@@ -197,11 +197,19 @@ static void SFX(sl_rows)(const REAL *s, const int64_t *target, int64_t ignore, R
 #undef TAIL
 
 /* Rows r0 <= r < r1; target holds one int64 class index per row, in row order. g and gf may be
- * NULL (no gradient). Returns 0, or -1 if the scratch memory could not be allocated. */
+ * NULL (no gradient); so may total, else it receives the sum of the rows' losses, divided by the
+ * number of rows not ignored (at least 1) when mean is set. Returns that number of rows, -1 if
+ * the scratch memory could not be allocated, or -2 if a target is neither ignore nor in [0, C)
+ * (the outputs are then unspecified). */
 long SFX(singlelabel)(const REAL *s, const int64_t *target, int64_t ignore, REAL *loss,
-                      uint8_t *valid, REAL *g, REAL *gf, long C, long L, long ssb, long ssc,
-                      long ssl, long gsb, long gsc, long gsl, double delta, double tiny, long r0,
-                      long r1) {
+                      uint8_t *valid, REAL *g, REAL *gf, REAL *total, int mean, long C, long L,
+                      long ssb, long ssc, long ssl, long gsb, long gsc, long gsl, double delta,
+                      double tiny, long r0, long r1) {
+    long bad = 0;
+#pragma omp simd reduction(+ : bad)
+    for (long r = r0; r < r1; r++)
+        bad += (target[r] != ignore) & ((uint64_t)target[r] >= (uint64_t)C);
+    if (bad) return -2;
     int lanes = C < LANES_MAX_C || (ssl == 1 && L >= LANES && C <= 4096);
     long width = lanes ? C * LANES : C;
     REAL *buf = (REAL *)malloc((size_t)width * 2 * sizeof(REAL));
@@ -215,5 +223,12 @@ long SFX(singlelabel)(const REAL *s, const int64_t *target, int64_t ignore, REAL
                      (REAL)delta, (REAL)tiny, r0, r1, buf, buf + width);
     restore_fp_mode(mode);
     free(buf);
-    return 0;
+    long count = 0;
+    double sum = 0;
+    for (long r = r0; r < r1; r++) {
+        count += valid[r];
+        sum += loss[r]; /* 0 at ignored rows */
+    }
+    if (total) *total = (REAL)(mean ? sum / (double)(count > 0 ? count : 1) : sum);
+    return count;
 }
