@@ -640,6 +640,47 @@ def test_multilabel_bad_label_anywhere_is_reported(
     assert logits.grad is None
 
 
+@pytest.mark.parametrize(("loss", "ignored"), [("single", 0.2), ("single", 1.0), ("multi", 0.0)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reduced_loss_is_the_reduction_of_the_rows(kernel_path, loss, reduction, threads, ignored):
+    # The kernels form mean/sum themselves on one thread (the torch path and split batches
+    # reduce in torch): against the per-row losses, reduced in float64 here, and their gradient.
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(70000, 5, generator=g) * 3  # 2 threads split rows this large
+    if loss == "single":
+        target = torch.randint(0, 5, (70000,), generator=g)
+        target[torch.rand(70000, generator=g) < ignored] = -100
+        count = max(int((target != -100).sum()), 1)
+
+        def fn(z, reduction):
+            return as_softmax_cross_entropy(z, target, 0.1, reduction=reduction)
+    else:  # multi-label rows are never ignored
+        target = torch.rand(70000, 5, generator=g) < 0.3
+        count = 70000
+
+        def fn(z, reduction):
+            return multilabel_as_softmax_loss(z, target, 0.1, reduction=reduction)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        leaf = logits.clone().requires_grad_()
+        reduced = fn(leaf, reduction)
+        reduced.backward()
+        ref_leaf = logits.clone().requires_grad_()
+        rows = fn(ref_leaf, "none").double()
+        expected = rows.sum() / (count if reduction == "mean" else 1)
+        expected.backward()
+    finally:
+        torch.set_num_threads(before)
+    assert reduced.dim() == 0 and reduced.dtype == torch.float32
+    torch.testing.assert_close(reduced.double(), expected.detach(), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-12)
+    if ignored == 1.0:
+        assert reduced.item() == 0.0 and (leaf.grad == 0).all()
+
+
 # --------------------------------------------------------------------------- device, benchmark
 
 

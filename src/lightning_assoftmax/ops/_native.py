@@ -33,9 +33,11 @@ import torch
 from torch import Tensor
 
 from lightning_assoftmax._cache import default_cache_dir
+from lightning_assoftmax.ops._blocks import FEW_CLASSES
 
 __all__ = [
     "count_not_binary",
+    "direct_rows",
     "kernel_applies",
     "kernel_view",
     "native_for",
@@ -250,6 +252,18 @@ def native_for(z: Tensor, dtypes: tuple[torch.dtype, ...]) -> ctypes.CDLL | None
     if z.device.type != "cpu" or z.dtype not in dtypes:
         return None
     return native_library()
+
+
+def direct_rows(logits: Tensor, dtypes: tuple[torch.dtype, ...]) -> tuple[ctypes.CDLL, Tensor] | None:
+    """``(library, rows)`` when the compiled kernels take ``(M, C)`` logits without a block
+    layout, else ``None``: few classes are read in tiles with any strides, long rows in place
+    (made contiguous first)."""
+    if logits.dim() != 2:
+        return None
+    lib = native_for(logits, dtypes)
+    if lib is None:
+        return None
+    return lib, logits if logits.shape[1] < FEW_CLASSES else logits.contiguous()
 
 
 def rows_view(t: Tensor) -> tuple[int, tuple[int, int, int]]:

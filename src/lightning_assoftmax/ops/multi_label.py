@@ -24,18 +24,12 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops._blocks import (
-    FEW_CLASSES,
-    BlockLayout,
-    graph_is_kept,
-    scale_rows,
-    scratch,
-)
+from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
 from lightning_assoftmax.ops._native import (
     count_not_binary,
+    direct_rows,
     kernel_applies,
     kernel_view,
-    native_for,
     native_library,
     new_gradient,
     pointer,
@@ -252,15 +246,14 @@ def _forward(
     """
     result = None
     layout = None
-    lib = native_for(logits, _KERNEL_DTYPES) if logits.dim() == 2 else None
-    if lib is not None:
-        # Few classes are read in tiles with any strides; long rows are walked in place.
-        z = logits if logits.shape[1] < FEW_CLASSES else logits.contiguous()
+    direct = direct_rows(logits, _KERNEL_DTYPES)
+    if direct is not None:
+        lib, z = direct
         result = _native_forward(lib, z, target, None, delta, need_grad, reduction)
     if result is None:
         layout = BlockLayout(logits)
         target = layout.to_layout(target)
-        if lib is None and kernel_applies(layout, _KERNEL_DTYPES):
+        if direct is None and kernel_applies(layout, _KERNEL_DTYPES):
             lib = native_library()
             result = _native_forward(lib, layout.z, target, layout, delta, need_grad, reduction)
     if result is None:

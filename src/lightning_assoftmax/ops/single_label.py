@@ -27,17 +27,11 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops._blocks import (
-    FEW_CLASSES,
-    BlockLayout,
-    graph_is_kept,
-    scale_rows,
-    scratch,
-)
+from lightning_assoftmax.ops._blocks import BlockLayout, graph_is_kept, scale_rows, scratch
 from lightning_assoftmax.ops._native import (
+    direct_rows,
     kernel_applies,
     kernel_view,
-    native_for,
     native_library,
     new_gradient,
     pointer,
@@ -178,18 +172,16 @@ def _forward(
     """
     result = None
     layout = None
-    lib = None
     if -(2**63) <= ignore_index < 2**63:  # the kernel takes it as int64
-        lib = native_for(logits, _KERNEL_DTYPES) if logits.dim() == 2 else None
-        if lib is not None:
-            # Few classes are read in tiles with any strides; long rows are walked in place.
-            z = logits if logits.shape[1] < FEW_CLASSES else logits.contiguous()
+        direct = direct_rows(logits, _KERNEL_DTYPES)
+        if direct is not None:
+            lib, z = direct
             result = _native_forward(
                 lib, z, target, None, delta, ignore_index, need_grad, reduction
             )
         if result is None:
             layout = BlockLayout(logits)
-            if lib is None and kernel_applies(layout, _KERNEL_DTYPES):
+            if direct is None and kernel_applies(layout, _KERNEL_DTYPES):
                 result = _native_forward(
                     native_library(), layout.z, target, layout, delta, ignore_index, need_grad,
                     reduction,
