@@ -68,6 +68,27 @@ static inline float exp_f32(float x) {
     return x == x ? y : x;
 }
 
+/* e^x for x <= 0 or NaN, the exponentials of scores minus their row maximum (-inf gives 0).
+ * Results below float's normal range (x < -87.3) are 0: the kernels flush subnormals anyway
+ * (see flush_subnormals), so one power-of-two factor suffices and no upper clamp is needed. */
+static inline float exp_below_f32(float x) {
+    float xc = x < -87.3f ? -87.3f : x;
+    xc = xc == xc ? xc : 0.0f;
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    float y = p * f32_from_bits(((int32_t)n + 127) << 23);
+    y = x < -87.3f ? 0.0f : y;
+    return x == x ? y : x;
+}
+
 static inline float log_f32(float x) {
     int sub = x < 1.17549435e-38f;
     float xs = sub ? x * 8388608.0f : x; /* subnormals: scale by 2^23 first */
@@ -126,6 +147,12 @@ static inline void tile_offsets(long t0, long n, long L, long sb, long sl, long 
     }
 }
 
+/* Lanes of the per-row accumulators of the many-class kernels: a pass over a row accumulates
+ * VL partial results, one per lane, and folds them by halving at the end (log2 VL dependent
+ * steps; a vectorised reduction clause folds them one lane after another, which costs as much
+ * as the pass itself at a few hundred classes). */
+#define VL 16
+
 /* Whether rows t0 .. t0 + n - 1 share one b (so they are evenly spaced in memory). */
 static inline int tile_within_one_b(long t0, long n, long L) { return t0 / L == (t0 + n - 1) / L; }
 
@@ -145,6 +172,7 @@ int vector_kernels_available(void) { return 0; }
 #define REAL float
 #define SFX(name) name##_f32
 #define EXPR exp_f32
+#define EXPR_BELOW exp_below_f32
 #define LOGR log_f32
 #define LOG1PR log1p_f32
 #define INFR INFINITY
@@ -154,6 +182,7 @@ int vector_kernels_available(void) { return 0; }
 #undef REAL
 #undef SFX
 #undef EXPR
+#undef EXPR_BELOW
 #undef LOGR
 #undef LOG1PR
 #undef INFR
@@ -164,6 +193,7 @@ int vector_kernels_available(void) { return 0; }
 #define REAL double
 #define SFX(name) name##_f64
 #define EXPR exp
+#define EXPR_BELOW exp
 #define LOGR log
 #define LOG1PR log1p
 #define INFR ((double)INFINITY)

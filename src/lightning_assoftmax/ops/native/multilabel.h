@@ -42,7 +42,7 @@ static inline void SFX(finish)(REAL m, REAL S, REAL A, REAL Bs, REAL min_pos, in
 /* One label of a row: e = exp(s - m) joins the sum and, by side, the extremes that set the keep
  * thresholds (those of e give those of p = e / S: same rounding). */
 static inline REAL SFX(ml_exp)(REAL t, REAL m, int pos, REAL *S, REAL *min_pos, REAL *max_neg) {
-    REAL e = EXPR(t - m);
+    REAL e = EXPR_BELOW(t - m);
     REAL mp = pos ? e : INFR;
     REAL mq = pos ? (REAL)0 : e;
     *S += e;

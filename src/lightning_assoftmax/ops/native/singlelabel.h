@@ -73,7 +73,7 @@ static void SFX(sl_lanes)(const REAL *s, const int64_t *target, int64_t ignore, 
 #pragma omp simd
             for (long j = 0; j < LANES; j++) {
                 REAL z = xc[j];
-                REAL e = EXPR(z - m[j]);
+                REAL e = EXPR_BELOW(z - m[j]);
                 int at = c == tc[j];
                 et[j] = at ? e : et[j];
                 zt[j] = at ? z : zt[j];
@@ -118,7 +118,7 @@ static void SFX(sl_lanes)(const REAL *s, const int64_t *target, int64_t ignore, 
 /* Many classes: one row at a time, read in place when its classes are contiguous; the last
  * C % TAIL classes go through a chunk padded with -inf (see ml_rows). xbuf and vbuf hold C REALs
  * (v is g's row when that is contiguous). */
-#define TAIL 16
+#define TAIL VL /* the passes step VL lanes at a time over whole chunks */
 static void SFX(sl_rows)(const REAL *s, const int64_t *target, int64_t ignore, REAL *loss,
                          uint8_t *valid, REAL *g, REAL *gf, long C, long L, long ssb, long ssc,
                          long ssl, long gsb, long gsc, long gsl, REAL delta, REAL tiny, long r0,
@@ -150,36 +150,50 @@ static void SFX(sl_rows)(const REAL *s, const int64_t *target, int64_t ignore, R
         const REAL *xs[2] = {x, xt};
         REAL *vs[2] = {v, vt};
         long lens[2] = {full, TAIL};
-        REAL m = -INFR;
-        int bad = 0;
+        /* Every pass accumulates VL lanes over the in-place classes, then the padded tail. */
+        REAL am[VL], bad[VL];
+        for (int i = 0; i < VL; i++) am[i] = -INFR, bad[i] = 0;
         for (int k = 0; k < 2; k++) {
             const REAL *xk = xs[k];
-#pragma omp simd reduction(max : m) reduction(| : bad)
-            for (long c = 0; c < lens[k]; c++) {
-                m = xk[c] > m ? xk[c] : m;
-                bad |= xk[c] != xk[c];
+            for (long c0 = 0; c0 < lens[k]; c0 += VL) {
+#pragma omp simd
+                for (int i = 0; i < VL; i++) {
+                    REAL t = xk[c0 + i];
+                    am[i] = t > am[i] ? t : am[i];
+                    bad[i] += t != t;
+                }
             }
         }
-        m = bad ? (REAL)NAN : m;
-        REAL S = 0;
+        REAL m = SFX(fold_sum)(bad) != 0 ? (REAL)NAN : SFX(fold_max)(am);
+        REAL aS[VL];
+        for (int i = 0; i < VL; i++) aS[i] = 0;
         for (int k = 0; k < 2; k++) {
             const REAL *xk = xs[k];
             REAL *vk = vs[k];
-#pragma omp simd reduction(+ : S)
-            for (long c = 0; c < lens[k]; c++) {
-                vk[c] = EXPR(xk[c] - m);
-                S += vk[c];
+            for (long c0 = 0; c0 < lens[k]; c0 += VL) {
+#pragma omp simd
+                for (int i = 0; i < VL; i++) {
+                    REAL e = EXPR_BELOW(xk[c0 + i] - m);
+                    vk[c0 + i] = e;
+                    aS[i] += e;
+                }
             }
         }
+        REAL S = SFX(fold_sum)(aS);
         for (long i = 0; i < tail; i++) v[full + i] = vt[i];
         REAL iS = (REAL)1 / S;
         REAL pt = v[tr] * iS, zt = x[tr];
-        REAL thr = pt - delta, K = 0;
+        REAL thr = pt - delta, aK[VL];
+        for (int i = 0; i < VL; i++) aK[i] = 0;
         for (int k = 0; k < 2; k++) {
             REAL *vk = vs[k];
-#pragma omp simd reduction(+ : K)
-            for (long c = 0; c < lens[k]; c++) vk[c] = SFX(sl_keep)(vk[c] * iS, thr, &K);
+            for (long c0 = 0; c0 < lens[k]; c0 += VL) {
+#pragma omp simd
+                for (int i = 0; i < VL; i++)
+                    vk[c0 + i] = SFX(sl_keep)(vk[c0 + i] * iS, thr, &aK[i]);
+            }
         }
+        REAL K = SFX(fold_sum)(aK);
         for (long i = 0; i < tail; i++) v[full + i] = vt[i];
         REAL lo, fa;
         SFX(sl_finish)(m, S, pt, zt, K, 1, tiny, &lo, &fa);

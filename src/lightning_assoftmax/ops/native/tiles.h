@@ -45,3 +45,23 @@ static inline __attribute__((always_inline)) void SFX(tile_store)(REAL *g, const
         }
     }
 }
+
+/* Folds of VL per-lane partial results (see VL in kernels.c); a is overwritten. NaN lanes are
+ * skipped by the max, as in the passes that fill them. */
+static inline REAL SFX(fold_sum)(REAL *a) {
+    for (int w = VL / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) a[i] += a[i + w];
+    return a[0];
+}
+
+static inline REAL SFX(fold_max)(REAL *a) {
+    for (int w = VL / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) a[i] = a[i + w] > a[i] ? a[i + w] : a[i];
+    return a[0];
+}
+
+static inline REAL SFX(fold_min)(REAL *a) {
+    for (int w = VL / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) a[i] = a[i + w] < a[i] ? a[i + w] : a[i];
+    return a[0];
+}
