@@ -12,6 +12,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_assoftmax import ASSoftmaxMixin
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` (restored after the test) so each call appends to the list returned."""
+    calls: list = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 class XYSteps:
     """``(inputs, target)`` batches through ``self(inputs)`` into ``as_softmax_loss``, every stage."""
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import count_calls
 from reference import reference_multilabel
 
 from lightning_assoftmax.functional import (
@@ -199,15 +200,7 @@ def c_path(request, monkeypatch):
 @pytest.fixture
 def torch_calls(monkeypatch):
     """Counts the calls of the torch implementation."""
-    calls = []
-    original = ml_ops._torch_forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ml_ops, "_torch_forward", counted)
-    return calls
+    return count_calls(monkeypatch, ml_ops, "_torch_forward")
 
 
 # -- C kernel against the reference ------------------------------------------------------------------

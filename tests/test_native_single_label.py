@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import count_calls
 
 from lightning_assoftmax.functional import as_softmax_loss_and_stats
 from lightning_assoftmax.ops import _native
@@ -43,19 +44,12 @@ def data(shape, num_classes, seed, ignore=0.2, hostile=False):
 
 def run(logits, target, delta, native: bool, monkeypatch):
     monkeypatch.setenv("LIGHTNING_ASSOFTMAX_NATIVE", "1" if native else "0")
-    calls = []
-    original = sl_ops._torch_forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(sl_ops, "_torch_forward", counted)
-    leaf = logits.detach().clone().requires_grad_()
-    loss, masked, count = as_softmax_loss_and_stats(leaf, target, delta, reduction="none")
-    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) + 0.5
-    (loss * weights).nan_to_num(0.0).sum().backward()
-    monkeypatch.setattr(sl_ops, "_torch_forward", original)
+    with monkeypatch.context() as patch:
+        calls = count_calls(patch, sl_ops, "_torch_forward")
+        leaf = logits.detach().clone().requires_grad_()
+        loss, masked, count = as_softmax_loss_and_stats(leaf, target, delta, reduction="none")
+        weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+        (loss * weights).nan_to_num(0.0).sum().backward()
     assert bool(calls) != native  # the torch path ran exactly when asked for
     return loss.detach(), leaf.grad, masked, count
 
@@ -141,14 +135,7 @@ def test_channel_second_logits_with_many_classes_stay_on_the_torch_path(monkeypa
     per element by the kernel; they run through the torch implementation (same results)."""
     num_classes = _native.MAX_STRIDED_CLASSES + 1
     logits, target = data((1, 70), num_classes, seed=11)
-    calls = []
-    original = sl_ops._torch_forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(sl_ops, "_torch_forward", counted)
+    calls = count_calls(monkeypatch, sl_ops, "_torch_forward")
     leaf = logits.clone().requires_grad_()
     loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     got = as_softmax_loss_and_stats(leaf, target, 1.0, reduction="none")[0]

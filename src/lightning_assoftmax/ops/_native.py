@@ -46,7 +46,6 @@ __all__ = [
     "new_gradient",
     "pointer",
     "rows_major",
-    "rows_view",
     "run_rows",
     "scale_by_rows",
     "set_vector_kernels",
@@ -266,41 +265,39 @@ def direct_rows(logits: Tensor, dtypes: tuple[torch.dtype, ...]) -> tuple[ctypes
     return lib, logits if logits.shape[1] < FEW_CLASSES else logits.contiguous()
 
 
-def rows_view(t: Tensor) -> tuple[int, tuple[int, int, int]]:
-    """``(length, strides)`` of ``(M, C)`` rows as the kernels read them: sample ``l`` of a single
-    ``(1, C, M)`` batch, so that a tile of rows is evenly spaced in memory."""
-    return t.shape[0], (0, t.stride(1), t.stride(0))
-
-
-def kernel_view(layout, t: Tensor) -> tuple[int, tuple[int, int, int]]:
-    """``(length, strides)`` of a block-layout tensor as the kernels read it: ``(B, C, L)`` with
-    element strides. ``(M, C)`` rows are sample ``l`` of a single ``(1, C, M)`` batch, so that a
-    tile of rows is evenly spaced in memory and read without an offset table."""
+def kernel_view(layout, t: Tensor) -> tuple[int, int, tuple[int, int, int]]:
+    """``(rows, length, strides)`` of logits-shaped ``t`` as the kernels read it: ``(B, C, L)``
+    with element strides. ``(M, C)`` rows (those of :func:`direct_rows`, ``layout`` ``None``, or
+    a layout's row blocks) are sample ``l`` of a single ``(1, C, M)`` batch, so that a tile of
+    rows is evenly spaced in memory and read without an offset table."""
     if t.dim() == 3:
-        return t.shape[2], t.stride()
-    return rows_view(t)
+        return layout.num_rows, t.shape[2], t.stride()
+    return t.shape[0], t.shape[0], (0, t.stride(1), t.stride(0))
 
 
-def new_gradient(layout, dtype: torch.dtype) -> tuple[Tensor, tuple[int, int, int]]:
-    """The kernels' gradient buffer and its strides. ``(M, C)`` logits with few classes are read
-    as ``(1, C, M)`` but their gradient is written as ``(M, C)`` rows: returned as it is, it needs
-    no transposing copy in autograd (see :func:`to_input_layout`)."""
-    if layout.transposed:
+def new_gradient(layout, z: Tensor, dtype: torch.dtype) -> tuple[Tensor, tuple[int, int, int]]:
+    """The kernels' gradient buffer for logits ``z`` (see :func:`kernel_view`) and its strides.
+    ``(M, C)`` logits with few classes are read as ``(1, C, M)`` but their gradient is written as
+    ``(M, C)`` rows: returned as it is, it needs no transposing copy in autograd (see
+    :func:`to_input_layout`)."""
+    if layout is None:
+        grad = torch.empty(z.shape, dtype=dtype)
+    elif layout.transposed:
         grad = torch.empty(layout.shape, dtype=dtype)
     else:
         grad = layout.new_out(dtype)
-    return grad, grad.stride() if grad.dim() == 3 else (0, 1, layout.num_classes)
+    return grad, grad.stride() if grad.dim() == 3 else (0, 1, grad.shape[1])
 
 
 def rows_major(layout, grad: Tensor) -> bool:
-    """Whether a gradient buffer is ``(M, C)`` rows: those of :func:`rows_view` (``layout`` is
+    """Whether a gradient buffer is ``(M, C)`` rows: those of :func:`direct_rows` (``layout`` is
     ``None``), or a layout walking columns with a row-major gradient."""
     return layout is None or (layout.columns and grad.dim() == 2)
 
 
 def to_input_layout(layout, grad: Tensor) -> Tensor:
     """A gradient buffer (block layout, or rows from :func:`new_gradient`) shaped like the logits;
-    ``layout`` is ``None`` for the ``(M, C)`` rows of :func:`rows_view`."""
+    ``layout`` is ``None`` for the ``(M, C)`` rows of :func:`direct_rows`."""
     if rows_major(layout, grad):
         return grad
     return layout.to_input_layout(grad)

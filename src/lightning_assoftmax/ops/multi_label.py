@@ -34,7 +34,6 @@ from lightning_assoftmax.ops._native import (
     new_gradient,
     pointer,
     rows_major,
-    rows_view,
     run_rows,
     scale_by_rows,
     split_workers,
@@ -157,14 +156,8 @@ def _native_forward(
             target = target != 0
         target = target.view(torch.uint8)
     num_classes = z.shape[1]
-    if layout is None:
-        rows = z.shape[0]
-        length, z_strides = rows_view(z)
-        y_strides = rows_view(target)[1]
-    else:
-        rows = layout.num_rows
-        length, z_strides = kernel_view(layout, z)
-        y_strides = kernel_view(layout, target)[1]
+    rows, length, z_strides = kernel_view(layout, z)
+    y_strides = kernel_view(layout, target)[2]
     loss = torch.empty(rows, dtype=cdtype)  # not a view: callers may modify it in place
     # One buffer for the per-row factors (if any) and then the redo flags (bytes).
     size = loss.element_size()
@@ -173,11 +166,7 @@ def _native_forward(
     start = aux.data_ptr()
     v, grad_strides = None, (0, 0, 0)
     if need_grad:
-        if layout is None:
-            v = torch.empty(rows, num_classes, dtype=cdtype)
-            grad_strides = (0, 1, num_classes)
-        else:
-            v, grad_strides = new_gradient(layout, cdtype)
+        v, grad_strides = new_gradient(layout, z, cdtype)
     # The kernel forms the reduction when one thread does all rows.
     total = None
     if reduction is not None and split_workers(rows, num_classes) == 1:

@@ -35,7 +35,6 @@ from lightning_assoftmax.ops._native import (
     native_library,
     new_gradient,
     pointer,
-    rows_view,
     run_rows,
     scale_by_rows,
     split_workers,
@@ -116,21 +115,12 @@ def _native_forward(
     flat_target = target.reshape(-1)
     if flat_target.dtype != torch.int64 or not flat_target.is_contiguous():
         flat_target = flat_target.to(torch.int64).contiguous()
-    if layout is None:
-        rows = z.shape[0]
-        length, strides = rows_view(z)
-    else:
-        rows = layout.num_rows
-        length, strides = kernel_view(layout, z)
+    rows, length, strides = kernel_view(layout, z)
     loss = torch.empty(rows, dtype=z.dtype)  # not a view: callers may modify it in place
     valid = torch.empty(rows, dtype=torch.bool)
     v, factor, grad_strides = None, None, (0, 0, 0)
     if need_grad:
-        if layout is None:
-            v = torch.empty(rows, num_classes, dtype=z.dtype)
-            grad_strides = (0, 1, num_classes)
-        else:
-            v, grad_strides = new_gradient(layout, z.dtype)
+        v, grad_strides = new_gradient(layout, z, z.dtype)
         factor = torch.empty(rows, dtype=z.dtype)
     # The kernel forms the reduction when one thread does all rows.
     total = None
@@ -164,10 +154,10 @@ def _forward(
 ):
     """Per-sample loss and validity and, if asked, the gradient buffer and ``1/K`` per sample,
     from the compiled kernel where it applies, else from torch ops: ``(loss, valid, out,
-    inv_mass, layout, native, total, count)``. ``layout`` is ``None`` for ``(M, C)`` logits on
-    the compiled kernel (read as they are); ``total`` is the ``reduction`` of the losses (or
-    ``None``) and ``count`` the number of rows not ignored (an int, or a tensor on the torch
-    path). With ``check_targets``, a class index outside ``[0, C)`` raises
+    inv_mass, layout, native, total, mean_over)``. ``layout`` is ``None`` for ``(M, C)`` logits
+    on the compiled kernel (read as they are); ``total`` is the ``reduction`` of the losses (or
+    ``None``) and, for the mean, ``mean_over`` its divisor: the number of rows not ignored, at
+    least 1 (an int, or a tensor on the torch path). With ``check_targets``, a class index outside ``[0, C)`` raises
     :class:`TargetOutOfRange` (the kernel checks what it reads; the torch path checks here).
     """
     result = None
@@ -199,13 +189,12 @@ def _forward(
             layout, logits, target, delta, ignore_index, need_grad
         )
         native, total, count = False, None, None
+    mean_over = None
+    if reduction == "mean":  # over non-ignored elements; all ignored -> 0, not NaN
+        mean_over = valid.sum().clamp(min=1) if count is None else max(count, 1)
     if reduction is not None and total is None:
-        if count is None:
-            count = valid.sum()
-        total = loss.sum()
-        if reduction == "mean":  # over non-ignored elements; all ignored -> 0, not NaN
-            total = total / (count.clamp(min=1) if isinstance(count, Tensor) else max(count, 1))
-    return loss, valid, out, inv_mass, layout, native, total, count
+        total = loss.sum() if mean_over is None else loss.sum() / mean_over
+    return loss, valid, out, inv_mass, layout, native, total, mean_over
 
 
 def _torch_forward(
@@ -308,14 +297,14 @@ class _FusedASSoftmax(torch.autograd.Function):
         reduction: str | None,
         check: bool,
     ):
-        loss, valid, out, inv_mass, layout, native, total, count = _forward(
+        loss, valid, out, inv_mass, layout, native, total, mean_over = _forward(
             logits, target, delta, ignore_index, True, reduction, check
         )
         ctx.native = native
         ctx.save_for_backward(out, inv_mass)
         ctx.layout = layout
         ctx.reduction = reduction
-        ctx.count = count
+        ctx.mean_over = mean_over
         if reduction is None:
             ctx.mark_non_differentiable(valid)
             return loss, valid
@@ -328,10 +317,8 @@ class _FusedASSoftmax(torch.autograd.Function):
         out, inv_mass = ctx.saved_tensors
         layout = ctx.layout
         rows = inv_mass.shape[0]
-        if ctx.reduction == "mean":  # the same share of the gradient for every row
-            count = ctx.count
-            count = count.clamp(min=1) if isinstance(count, Tensor) else max(count, 1)
-            grad_loss = grad_loss / count
+        if ctx.mean_over is not None:  # the same share of the gradient for every row
+            grad_loss = grad_loss / ctx.mean_over
         if ctx.native:
             if ctx.reduction is not None:
                 grad_loss = float(grad_loss)

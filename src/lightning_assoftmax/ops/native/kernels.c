@@ -45,13 +45,12 @@ static inline int32_t f32_bits(float f) {
     return i;
 }
 
-static inline float exp_f32(float x) {
-    float xc = x < -104.0f ? -104.0f : x; /* exp(-104) rounds to 0, exp(89) to inf */
-    xc = xc > 89.0f ? 89.0f : xc;
-    xc = xc == xc ? xc : 0.0f;
-    /* n = round(x / ln 2) by the 1.5 * 2^23 trick (no rint call, so the loop vectorises). */
-    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = xc - n * 0.693359375f;
+/* e^r for |r| <= ln(2) / 2 after the reduction x = n ln 2 + r of a finite x (n returned):
+ * Cephes' expf polynomial. n = round(x / ln 2) by the 1.5 * 2^23 trick (no rint call, so the
+ * loops that call it vectorise). */
+static inline float exp_reduced_f32(float x, float *n_out) {
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -59,7 +58,16 @@ static inline float exp_f32(float x) {
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    *n_out = n;
+    return p * r * r + r + 1.0f;
+}
+
+static inline float exp_f32(float x) {
+    float xc = x < -104.0f ? -104.0f : x; /* exp(-104) rounds to 0, exp(89) to inf */
+    xc = xc > 89.0f ? 89.0f : xc;
+    xc = xc == xc ? xc : 0.0f;
+    float n;
+    float p = exp_reduced_f32(xc, &n);
     /* 2^n as two factors, each a normal float, so that results round once into subnormals. */
     int32_t k = (int32_t)n;
     int32_t k1 = k >> 1;
@@ -74,17 +82,8 @@ static inline float exp_f32(float x) {
 static inline float exp_below_f32(float x) {
     float xc = x < -87.3f ? -87.3f : x;
     xc = xc == xc ? xc : 0.0f;
-    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    float y = p * f32_from_bits(((int32_t)n + 127) << 23);
+    float n;
+    float y = exp_reduced_f32(xc, &n) * f32_from_bits(((int32_t)n + 127) << 23);
     y = x < -87.3f ? 0.0f : y;
     return x == x ? y : x;
 }
