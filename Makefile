@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m lightning_assoftmax fit --config examples/bbc_news.yaml
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks
+	$(PY) -m ruff check lightning_assoftmax tests examples benchmarks
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/compare.py --out runs/compare
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks
+	$(PY) -m ruff check lightning_assoftmax tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info lightning_logs
+	rm -rf $(VENV) build *.egg-info lightning_logs

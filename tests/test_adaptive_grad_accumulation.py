@@ -602,7 +602,7 @@ def _ddp_worker(out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_with_different_data_choose_the_same_windows(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     env["OMP_NUM_THREADS"] = "1"
     command = ["timeout", "-k", "10", "240", sys.executable, __file__, "--ddp-worker", str(tmp_path)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -112,7 +112,7 @@ def _worker(out_dir: str) -> None:
 
 # -- the test ------------------------------------------------------------------------------------------------
 def run_ddp(tmp_path: Path, seconds: int = 150) -> list[dict]:
-    src = str(Path(__file__).parents[1] / "src")
+    src = str(Path(__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     command = ["timeout", "-k", "10", str(seconds), sys.executable, __file__, "--worker", str(tmp_path)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
