@@ -26,7 +26,7 @@ To compare the arithmetic alone, keep freed memory in the heap::
 
 Usage::
 
-    python benchmarks/loss_speed.py            # the table in the README (under 2 minutes)
+    python benchmarks/loss_speed.py            # the table of docs/performance.md (under 2 minutes)
     python benchmarks/loss_speed.py --quick    # tiny shapes, a smoke run
 """
 

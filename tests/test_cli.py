@@ -12,9 +12,13 @@ from importlib import import_module
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import lightning_assoftmax
 import lightning_assoftmax.callbacks as bundle_callbacks
