@@ -34,6 +34,8 @@ def register_row_autograd(op: Any, loss_name: str) -> None:
         _, grad, masked = output
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(grad, masked)
+        # No zero-filled (M, C) stand-in for the gradient of the unused outputs.
+        ctx.set_materialize_grads(False)
         ctx.other_inputs = len(inputs) - 1
 
     def backward(ctx, grad_loss: Tensor, _grad: Tensor, _masked: Tensor):
@@ -46,6 +48,8 @@ def register_row_autograd(op: Any, loss_name: str) -> None:
                 "a plain-PyTorch formulation for higher-order derivatives."
             )
         (grad,) = ctx.saved_tensors
+        if grad_loss is None:  # the loss took no part in what is differentiated
+            return (None,) * (1 + ctx.other_inputs)
         if grad.dim() != 2:
             raise RuntimeError(
                 f"{loss_name}: backward through a call made with need_grad=False; pass "

@@ -74,25 +74,31 @@ def check_binary_labels(target: Tensor) -> None:
         )
 
 
-def _dropped(p: Tensor, positive: Tensor, delta: float) -> Tensor:
-    """The multi-label decision on probabilities ``p`` ``(M, C)``: ``True`` for dropped terms.
+def _kept(p: Tensor, pos: Tensor, neg: Tensor, delta: float) -> Tensor:
+    """The multi-label decision on probabilities ``p`` ``(M, C)``: 1.0 for kept terms, else 0.0.
 
-    A negative is kept iff ``p >= min_P p - delta`` and a positive iff ``p <= max_Q p + delta``;
-    a row without positives keeps every negative, one without negatives every positive. NaN rows
-    keep every term, so their NaN surfaces.
+    ``pos`` and ``neg`` are the 0/1 float indicators of the positives and negatives (floats keep
+    the arithmetic vectorised; boolean selects cost several times more on CPU). A negative is
+    kept iff ``p >= min_P p - delta`` and a positive iff ``p <= max_Q p + delta``; a row without
+    positives keeps every negative, one without negatives every positive. NaN rows keep every
+    term, so their NaN surfaces.
     """
-    max_neg = torch.where(positive, -math.inf, p).amax(1, keepdim=True)
-    min_pos = torch.where(positive, p, math.inf).amin(1, keepdim=True)
-    low = torch.where(min_pos == math.inf, -math.inf, min_pos - delta)
-    high = torch.where(max_neg == -math.inf, math.inf, max_neg + delta)
-    return torch.where(positive, p > high, p < low)
+    num_pos = pos.sum(1, keepdim=True)
+    min_pos = torch.add(p, neg, alpha=2.0).amin(1, keepdim=True)  # negatives read as p + 2 > 1
+    max_neg = (p * neg).amax(1, keepdim=True)  # positives read as 0 <= p
+    low = torch.where(num_pos > 0, min_pos - delta, -1.0)
+    high = torch.where(num_pos < p.shape[1], max_neg + delta, 2.0)
+    dropped = torch.lt(p, low, out=torch.empty_like(p)).mul_(neg)
+    dropped.addcmul_(torch.gt(p, high, out=torch.empty_like(p)), pos)
+    return dropped.neg_().add_(1.0)
 
 
 def multilabel_as_softmax_keep(scores: Tensor, positive: Tensor, delta: float) -> Tensor:
     """Kept terms ``(M, C)`` for float ``scores`` rows and boolean ``positive`` (no gradient)."""
     with torch.no_grad():
         p = torch.softmax(scores, dim=1, dtype=compute_dtype(scores.dtype))
-        return _dropped(p, positive, delta).logical_not_()
+        pos = positive.to(p.dtype)
+        return _kept(p, pos, 1.0 - pos, delta) != 0
 
 
 def multilabel_as_softmax_forward_rows(
@@ -114,21 +120,28 @@ def multilabel_as_softmax_forward_rows(
     cdtype = compute_dtype(logits.dtype)
     s = logits.to(cdtype)
     positive = target != 0
+    pos = positive.to(cdtype)
+    neg = 1.0 - pos
     p = torch.softmax(s, 1)
-    dropped = _dropped(p, positive, delta)
-    # The exponent of each term (s on negatives, -s on positives), -inf where dropped.
-    terms = torch.where(positive, s.neg(), s).masked_fill_(dropped, -math.inf)
-    # Each group's log(1 + sum e^x) is shifted by its largest kept exponent, at least 0 (the 1):
-    # a group with nothing kept is shifted by 0, so an all-dropped row gives log(1) = 0 exactly.
-    shift_neg = torch.where(positive, -math.inf, terms).amax(1, keepdim=True).clamp(min=0.0)
-    shift_pos = torch.where(positive, terms, -math.inf).amax(1, keepdim=True).clamp(min=0.0)
-    # An infinite exponent (a +inf negative or -inf positive) makes the loss +inf: shift by 0
-    # there, not inf - inf.
-    shift_neg = shift_neg.masked_fill(shift_neg == math.inf, 0.0)
-    shift_pos = shift_pos.masked_fill(shift_pos == math.inf, 0.0)
-    e = terms.sub_(torch.where(positive, shift_pos, shift_neg)).exp_()
-    denom_neg = torch.exp(-shift_neg) + torch.where(positive, 0.0, e).sum(1, keepdim=True)
-    denom_pos = torch.exp(-shift_pos) + torch.where(positive, e, 0.0).sum(1, keepdim=True)
+    kept = _kept(p, pos, neg, delta)
+    # The exponent of each term: s on negatives, -s on positives (a product with the sign, not a
+    # sum with a masked term, so that an infinite score stays out of the other group).
+    x = s * (neg - pos)
+    # Each group's log(1 + sum e^x) is shifted by its largest kept exponent, at least 0 (the 1).
+    # p grows with s, so when a group keeps any term it keeps its largest exponent: the group's
+    # maximum (taken over the group, since p may tie at 0 where s does not). A group that keeps
+    # nothing is shifted by 0, so an all-dropped row gives log(1) = 0 exactly.
+    num_kept_neg = (kept * neg).sum(1, keepdim=True)
+    num_kept_pos = (kept * pos).sum(1, keepdim=True)
+    top_neg = torch.where(positive, -math.inf, x).amax(1, keepdim=True)
+    top_pos = torch.where(positive, x, -math.inf).amax(1, keepdim=True)
+    shift_neg = torch.where(num_kept_neg > 0, top_neg, 0.0).clamp(min=0.0)
+    shift_pos = torch.where(num_kept_pos > 0, top_pos, 0.0).clamp(min=0.0)
+    # Dropped terms are clamped before exp so that none overflows on its way to 0.
+    shift = torch.addcmul(shift_neg * neg, shift_pos, pos)
+    e = x.sub_(shift).clamp_(max=0.0).exp_().mul_(kept)
+    denom_neg = torch.exp(-shift_neg) + (e * neg).sum(1, keepdim=True)
+    denom_pos = torch.exp(-shift_pos) + (e * pos).sum(1, keepdim=True)
     loss = torch.add(
         (shift_neg + denom_neg.log()).squeeze(1), (shift_pos + denom_pos.log()).squeeze(1)
     )
@@ -137,10 +150,10 @@ def multilabel_as_softmax_forward_rows(
         return loss, logits.new_empty(0), masked
     # d/ds_i = e_i / denom_neg on kept negatives, -e_j / denom_pos on kept positives; a row with
     # loss exactly 0 gets gradient exactly 0, not round-off.
-    zero_row = masked.unsqueeze(1)
-    inv_neg = torch.where(zero_row, 0.0, denom_neg.reciprocal())
-    inv_pos = torch.where(zero_row, 0.0, denom_pos.reciprocal().neg_())
-    grad = e.mul_(torch.where(positive, inv_pos, inv_neg))
+    nonzero = (~masked).unsqueeze(1)
+    inv_neg = torch.where(nonzero, denom_neg.reciprocal(), 0.0)
+    inv_pos = torch.where(nonzero, denom_pos.reciprocal(), 0.0)
+    grad = e.mul_(torch.addcmul(inv_neg * neg, inv_pos, pos, value=-1.0))
     return loss, grad.to(logits.dtype).contiguous(), masked
 
 

