@@ -1,39 +1,44 @@
-"""Speed and memory of the AS-Softmax losses against the losses they replace.
+"""Speed and memory of the AS-Softmax losses against the losses they replace, on CPU or CUDA.
 
-For each logits shape and dtype, times forward+backward of the public loss functions and of
-their baselines (``F.cross_entropy`` for the single-label loss; BCE-with-logits and
-``multilabel_soft_margin_loss`` for the multi-label one; ``sparsemax``/``entmax15`` losses from the
-``entmax`` package for context) and prints a markdown table of ratios to the baseline:
+Prints markdown tables of ratios against a baseline measured in the same run:
 
-* time ratio: each repeat runs a loss and its baseline once, in turn; the ratio is the median
-  over repeats of the per-repeat ratio (so load from other processes hits both sides alike), in
-  CPU time of the process (page faults included) and in wall-clock time. Each baseline is paired
-  with the loss on its own: a loss timed right after another one finds the caches in that one's
-  state, which made the same loss up to 20% slower after ``multilabel_soft_margin_loss``;
-* saved-bytes ratio: bytes of the distinct storages that autograd saves for backward, counted with
-  ``torch.autograd.graph.saved_tensors_hooks``.
+* **single-label**: ``as_softmax_cross_entropy`` against ``F.cross_entropy``, forward+backward;
+* **multi-label**: ``multilabel_as_softmax_loss`` against ``F.binary_cross_entropy_with_logits``;
+* **layouts**: token logits ``(N, L, C)`` passed as ``.transpose(1, 2)`` (the common case, no
+  copy) and stored channel-second ``(N, C, L)`` (copied to rows);
+* **models** (CPU): the share of the loss in one training step (forward, backward, AdamW step)
+  of each ready-made model, from the step time with the loss and with a trivial loss
+  (``logits.sum()``, which leaves the model's backward unchanged);
+* **fused**: ``linear_as_softmax_cross_entropy`` (where this version has it) against
+  ``F.linear`` + ``as_softmax_cross_entropy``: peak memory and time; on CUDA also against
+  Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` and cut-cross-entropy's
+  ``linear_cross_entropy`` where they import.
+
+Timing: each repeat runs every candidate once, in turn, and a ratio is the median over repeats of
+the per-repeat ratio, so load from other processes hits both sides alike. On CPU the times are
+process CPU time (``time.process_time``; page faults included) with ``--threads`` intra-op
+threads (default 1); on CUDA, CUDA events around each call. Memory: on CPU, the bytes of the
+distinct storages autograd saves for backward (``saved_tensors_hooks``) and, for the fused
+section, the peak resident memory of a fresh process running one call; on CUDA, the peak of
+``torch.cuda.max_memory_allocated`` above the inputs.
 
 The logits are random with the target (or the positives) raised by a random margin, so a batch
-mixes masked samples, partly masked ones and unmasked ones, as in training; the ``masked`` column
-gives the share of masked samples at ``delta``.
-
-Large tensors cost page faults on CPU: glibc hands blocks above its mmap threshold back to the
-system when freed, so each new ``(N, C)`` tensor is faulted in again. ``F.cross_entropy`` allocates
-three per forward+backward and the fused losses one, which is part of their advantage at large C.
-To compare the arithmetic alone, keep freed memory in the heap::
-
-    MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=2147483647 python benchmarks/loss_speed.py
+mixes masked, partly masked and unmasked samples, as in training; ``masked`` is their share.
 
 Usage::
 
-    python benchmarks/loss_speed.py            # the table of docs/performance.md (under 2 minutes)
-    python benchmarks/loss_speed.py --quick    # tiny shapes, a smoke run
+    python benchmarks/loss_speed.py                    # CPU tables (docs/performance.md)
+    python benchmarks/loss_speed.py --device cuda      # adds bfloat16, large vocabularies, Liger
+    python benchmarks/loss_speed.py --quick            # tiny shapes, a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -47,41 +52,49 @@ from lightning_assoftmax.functional import (
     multilabel_masked_sample_ratio,
 )
 
-SHAPES = [(8192, 5), (4096, 150), (2048, 5000), (512, 32000)]
+CPU_SHAPES = [(8192, 5), (4096, 150), (2048, 5000), (512, 32000)]
+CUDA_SHAPES = CPU_SHAPES + [(8192, 32000), (8192, 128256)]
 QUICK_SHAPES = [(64, 5), (32, 300)]
 
-
-def saved_bytes(loss_fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward of ``loss_fn()``."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn()
-    return sum(storages.values())
+Fn = Callable[[], object]
 
 
-def time_interleaved(
-    fns: dict[str, Callable[[], None]], repeats: int
-) -> dict[str, dict[str, list[float]]]:
-    """Per-repeat CPU and wall seconds of each function, the functions run in turn each repeat.
+# --------------------------------------------------------------------------- measuring
 
-    CPU time (``time.process_time``: user + system time of this process, page faults included)
-    is what a call costs; wall time also counts waiting for a core on a shared machine.
-    """
-    for fn in fns.values():  # warm-up: allocator, lazy initialisation
+
+class Clock:
+    """Times calls on one device: process CPU time on CPU, CUDA events on CUDA (milliseconds)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn: Fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        start_cpu = time.process_time()
         fn()
-    samples = {name: {"cpu": [], "wall": []} for name in fns}
+        return (time.process_time() - start_cpu) * 1e3
+
+
+def time_interleaved(clock: Clock, fns: dict[str, Fn], repeats: int) -> dict[str, list[float]]:
+    """Per-repeat milliseconds of each function; every repeat runs all of them, in turn."""
+    for fn in fns.values():  # warm-up: allocator, lazy initialisation, kernel caches
+        fn()
+        fn()
+    clock.sync()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start_cpu, start_wall = time.process_time(), time.perf_counter()
-            fn()
-            samples[name]["cpu"].append(time.process_time() - start_cpu)
-            samples[name]["wall"].append(time.perf_counter() - start_wall)
+            samples[name].append(clock.time(fn))
     return samples
 
 
@@ -90,15 +103,69 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
-def single_label_batch(n: int, c: int, dtype: torch.dtype, generator: torch.Generator):
+def saved_bytes(fn: Fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of ``fn()``."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def cuda_peak_bytes(fn: Fn) -> int:
+    """Peak CUDA memory allocated while ``fn()`` runs, above what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], leaf: torch.Tensor) -> Fn:
+    def run() -> None:
+        leaf.grad = None
+        loss_fn(leaf).backward()
+
+    return run
+
+
+def repeats_for(numel: int, quick: bool, device: str) -> int:
+    if quick:
+        return 2
+    if device == "cuda":
+        return 30
+    return 41 if numel <= 1 << 20 else 11
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(row[k]) for k in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def single_label_batch(n: int, c: int, dtype, device, generator: torch.Generator):
     logits = torch.randn(n, c, generator=generator)
     target = torch.randint(0, c, (n,), generator=generator)
     margin = torch.rand(n, generator=generator) * 2.0 * (torch.log(torch.tensor(float(c))) + 3.0)
     logits[torch.arange(n), target] += margin
-    return logits.to(dtype), target
+    return logits.to(device=device, dtype=dtype), target.to(device)
 
 
-def multi_label_batch(n: int, c: int, dtype: torch.dtype, generator: torch.Generator):
+def multi_label_batch(n: int, c: int, dtype, device, generator: torch.Generator):
     logits = torch.randn(n, c, generator=generator)
     positives = max(1, min(3, c // 3))
     ranks = torch.rand(n, c, generator=generator).argsort(dim=1)
@@ -106,87 +173,89 @@ def multi_label_batch(n: int, c: int, dtype: torch.dtype, generator: torch.Gener
     target = (ranks < count).float()
     margin = torch.rand(n, 1, generator=generator) * 2.0 * (torch.log(torch.tensor(float(c))) + 3.0)
     logits = logits + target * margin - (1 - target) * 0.5 * margin
-    return logits.to(dtype), target
+    return logits.to(device=device, dtype=dtype), target.to(device)
 
 
-def fwd_bwd(
-    loss_fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor
-) -> Callable[[], None]:
-    def run() -> None:
-        logits.grad = None
-        loss_fn(logits).backward()
-
-    return run
+# --------------------------------------------------------------------------- loss tables
 
 
-def measure(
+def compare(
+    clock: Clock,
+    name: str,
+    shape: str,
+    dtype: torch.dtype,
+    base: str,
     candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     logits: torch.Tensor,
     repeats: int,
-) -> dict[str, tuple[dict[str, list[float]], int]]:
+    masked: float,
+) -> dict:
+    """One table row: ``candidates[name]`` against ``candidates[base]`` on ``logits``."""
     leaf = logits.detach().clone().requires_grad_()
-    times = time_interleaved({k: fwd_bwd(fn, leaf) for k, fn in candidates.items()}, repeats)
-    return {k: (times[k], saved_bytes(lambda fn=fn: fn(leaf))) for k, fn in candidates.items()}
-
-
-def repeats_for(n: int, c: int, quick: bool) -> int:
-    if quick:
-        return 2
-    return 25 if n * c <= 1 << 20 else 9
-
-
-def single_label_rows(
-    n: int, c: int, dtype, delta: float, repeats: int, entmax, generator
-) -> list[dict]:
-    logits, target = single_label_batch(n, c, dtype, generator)
-    candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "cross_entropy": lambda z: F.cross_entropy(z, target),
-        "as_softmax_cross_entropy": lambda z: as_softmax_cross_entropy(z, target, delta),
+    runs = {key: fwd_bwd(fn, leaf) for key, fn in candidates.items()}
+    times = time_interleaved(clock, runs, repeats)
+    row = {
+        "loss": name,
+        "logits": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "baseline": base,
+        "time ratio": fmt(paired_ratio(times[name], times[base])),
     }
-    result = measure(candidates, logits, repeats)
-    masked = float(masked_sample_ratio(logits, target, delta))
-    rows = [_row("as_softmax_cross_entropy", n, c, dtype, "cross_entropy", result, masked)]
-    if entmax is not None and dtype == torch.float32:
-        # Sorting makes these slow at large C: fewer repeats, context only.
-        candidates = {
-            "cross_entropy": candidates["cross_entropy"],
-            "sparsemax_loss": lambda z: entmax.sparsemax_loss(z, target).mean(),
-            "entmax15_loss": lambda z: entmax.entmax15_loss(z, target).mean(),
-        }
-        result = measure(candidates, logits, min(repeats, 3))
-        rows += [
-            _row(name, n, c, dtype, "cross_entropy", result, masked)
-            for name in list(candidates)[1:]
-        ]
-    return rows
+    saved = {key: saved_bytes(lambda fn=fn: fn(leaf)) for key, fn in candidates.items()}
+    row["saved-bytes ratio"] = fmt(saved[name] / saved[base], 3)
+    if clock.cuda:
+        peak = {key: cuda_peak_bytes(run) for key, run in runs.items()}
+        row["peak-memory ratio"] = fmt(peak[name] / peak[base], 3)
+    row["masked"] = fmt(masked)
+    row["loss ms"] = fmt(statistics.median(times[name]), 3)
+    row["baseline ms"] = fmt(statistics.median(times[base]), 3)
+    return row
 
 
-def multi_label_rows(n: int, c: int, dtype, delta: float, repeats: int, generator) -> list[dict]:
-    logits, target = multi_label_batch(n, c, dtype, generator)
-    baselines: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "bce_with_logits": lambda z: F.binary_cross_entropy_with_logits(z, target.to(z.dtype)),
-        "multilabel_soft_margin": lambda z: F.multilabel_soft_margin_loss(z, target.to(z.dtype)),
-    }
-    masked = float(multilabel_masked_sample_ratio(logits, target, delta))
+def loss_tables(args, clock: Clock, shapes, dtypes) -> tuple[list[dict], list[dict]]:
+    generator = torch.Generator().manual_seed(0)
+    single, multi = [], []
+    for n, c in shapes:
+        repeats = repeats_for(n * c, args.quick, args.device)
+        for dtype in dtypes:
+            logits, target = single_label_batch(n, c, dtype, args.device, generator)
+            masked = float(masked_sample_ratio(logits, target, args.delta))
+            candidates = {
+                "cross_entropy": lambda z, t=target: F.cross_entropy(z, t),
+                "as_softmax_cross_entropy": lambda z, t=target: as_softmax_cross_entropy(
+                    z, t, args.delta
+                ),
+            }
+            single.append(
+                compare(clock, "as_softmax_cross_entropy", f"{n} x {c}", dtype, "cross_entropy",
+                        candidates, logits, repeats, masked)
+            )
+            del logits, target
+            logits, target = multi_label_batch(n, c, dtype, args.device, generator)
+            masked = float(multilabel_masked_sample_ratio(logits, target, args.delta))
+            candidates = {
+                "bce_with_logits": lambda z, t=target: F.binary_cross_entropy_with_logits(
+                    z, t.to(z.dtype)
+                ),
+                "multilabel_as_softmax_loss": lambda z, t=target: multilabel_as_softmax_loss(
+                    z, t, args.delta
+                ),
+            }
+            multi.append(
+                compare(clock, "multilabel_as_softmax_loss", f"{n} x {c}", dtype,
+                        "bce_with_logits", candidates, logits, repeats, masked)
+            )
+            del logits, target
+    return single, multi
+
+
+def layout_table(args, clock: Clock) -> list[dict]:
+    """Token logits: ``(N, L, C)`` viewed as ``(N, C, L)``, and stored channel-second."""
+    n, c, length = (2, 300, 16) if args.quick else (4, 30522, 128)
+    generator = torch.Generator().manual_seed(1)
     rows = []
-    for base, base_fn in baselines.items():
-        # Each baseline in its own pair: a loss timed right after another one finds the caches
-        # in that one's state (multilabel_soft_margin leaves them cold for whatever follows).
-        candidates = {
-            base: base_fn,
-            "multilabel_as_softmax_loss": lambda z: multilabel_as_softmax_loss(z, target, delta),
-        }
-        result = measure(candidates, logits, repeats)
-        rows.append(_row("multilabel_as_softmax_loss", n, c, dtype, base, result, masked))
-    return rows
-
-
-def layout_rows(delta: float, quick: bool, generator) -> list[dict]:
-    """Token logits ``(N, C, L)``: stored channel-second, and ``(N, L, C)`` viewed transposed."""
-    n, c, length = (2, 300, 16) if quick else (4, 30522, 128)
-    rows = []
-    for name, token_major in (("(N, C, L)", False), ("(N, L, C).transpose(1, 2)", True)):
-        logits, target = single_label_batch(n * length, c, torch.float32, generator)
+    for name, token_major in (("(N, L, C).transpose(1, 2)", True), ("(N, C, L) stored", False)):
+        logits, target = single_label_batch(n * length, c, torch.float32, args.device, generator)
         logits = logits.view(n, length, c)
         logits = logits.contiguous() if token_major else logits.transpose(1, 2).contiguous()
         target = target.view(n, length)
@@ -194,101 +263,299 @@ def layout_rows(delta: float, quick: bool, generator) -> list[dict]:
         def view(z: torch.Tensor, token_major: bool = token_major) -> torch.Tensor:
             return z.transpose(1, 2) if token_major else z
 
-        candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        candidates = {
             "cross_entropy": lambda z, v=view, t=target: F.cross_entropy(v(z), t),
             "as_softmax_cross_entropy": lambda z, v=view, t=target: as_softmax_cross_entropy(
-                v(z), t, delta
+                v(z), t, args.delta
             ),
         }
-        result = measure(candidates, logits, 2 if quick else 3)
-        masked = float(masked_sample_ratio(view(logits), target, delta))
-        row = _row("as_softmax_cross_entropy", n, c, torch.float32, "cross_entropy", result, masked)
-        row["logits (N x C)"] = f"{name}, N={n} C={c} L={length}"
-        rows.append(row)
+        masked = float(masked_sample_ratio(view(logits), target, args.delta))
+        rows.append(
+            compare(clock, "as_softmax_cross_entropy", f"{name}, N={n} C={c} L={length}",
+                    torch.float32, "cross_entropy", candidates, logits, 2 if args.quick else 7,
+                    masked)
+        )
     return rows
 
 
-def run(
-    shapes: list[tuple[int, int]],
-    dtypes: list[torch.dtype],
-    delta: float,
-    quick: bool,
-    with_entmax: bool,
-):
-    generator = torch.Generator().manual_seed(0)
-    entmax = None
-    if with_entmax:
-        try:
-            import entmax
-        except ImportError:  # the entmax rows are context only
-            entmax = None
-    rows: list[dict] = []
-    for n, c in shapes:
-        repeats = repeats_for(n, c, quick)
-        for dtype in dtypes:
-            rows += single_label_rows(n, c, dtype, delta, repeats, entmax, generator)
-            rows += multi_label_rows(n, c, dtype, delta, repeats, generator)
+# --------------------------------------------------------------------------- training steps
+
+
+def ready_made_models(quick: bool) -> list[tuple[str, torch.nn.Module, tuple, torch.Tensor, bool]]:
+    """``(description, model, inputs, target, token_logits)`` for each ready-made model, at the
+    sizes of ``examples/*.yaml`` (tiny with ``quick``)."""
+    from lightning_assoftmax.models import ImageClassifier, TextClassifier, TokenClassifier
+
+    generator = torch.Generator().manual_seed(2)
+    models = []
+    # ImageClassifier on scikit-learn's digits (examples/digits.yaml): batch 64 of 8x8 images.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    batch = 8 if quick else 64
+    images = torch.tensor(digits.images[:batch], dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target[:batch])
+    models.append(
+        (f"ImageClassifier, digits, batch {batch}", ImageClassifier(num_classes=10, channels=32),
+         (images,), labels, False)
+    )
+    # TextClassifier bag model (examples/bbc_news.yaml): 32 documents of 512 WordPiece ids,
+    # a 384-wide table (MiniLM's width; random here), 5 classes. Random ids: the step's cost
+    # does not depend on which tokens they are.
+    vocab = 30522
+    docs, length = (4, 32) if quick else (32, 512)
+    text = TextClassifier(num_classes=5, vocab_size=vocab, embeddings=None, embed_dim=384)
+    ids = torch.randint(0, vocab, (docs, length), generator=generator)
+    models.append(
+        (f"TextClassifier (bag), {docs} x {length} tokens", text, (ids,),
+         torch.randint(0, 5, (docs,), generator=generator), False)
+    )
+    # TokenClassifier, next-token prediction over BBC News (examples/bbc_tokens.yaml): batch 16 of
+    # 32 tokens, 30522 classes; padding targets (-100) as the datamodule makes them.
+    seqs, length = (2, 8) if quick else (16, 32)
+    classes = 300 if quick else vocab
+    token = TokenClassifier(num_classes=classes, vocab_size=vocab, embed_dim=64, hidden_dim=128)
+    ids = torch.randint(0, vocab, (seqs, length), generator=generator)
+    target = torch.randint(0, classes, (seqs, length), generator=generator)
+    target[:, -length // 8 :] = -100
+    models.append(
+        (f"TokenClassifier, {seqs} x {length} tokens, {classes} classes", token, (ids,), target,
+         True)
+    )
+    return models
+
+
+def model_table(args, clock: Clock) -> list[dict]:
+    """The loss's share of a training step: (step with the loss - step with ``logits.sum()``)
+    / step with the loss, per repeat, then the median."""
+    rows = []
+    for description, model, inputs, target, token_logits in ready_made_models(args.quick):
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        losses: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            "trivial": lambda z, t: z.sum(),
+            "cross_entropy": lambda z, t: F.cross_entropy(z, t),
+            "as_softmax": lambda z, t: as_softmax_cross_entropy(z, t, args.delta),
+        }
+
+        def step(loss_fn, model=model, optimizer=optimizer, inputs=inputs, target=target,
+                 token_logits=token_logits) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(*inputs)
+            if token_logits:  # (N, L, C) -> (N, C, L), as TokenClassifier passes them
+                logits = logits.transpose(1, 2)
+            loss_fn(logits, target).backward()
+            optimizer.step()
+
+        runs = {name: (lambda fn=fn: step(fn)) for name, fn in losses.items()}
+        repeats = 2 if args.quick else 15
+        times = time_interleaved(clock, runs, repeats)
+
+        def share(name: str) -> float:
+            return statistics.median(
+                (a - b) / a for a, b in zip(times[name], times["trivial"], strict=True)
+            )
+
+        with torch.no_grad():
+            logits = model(*inputs)
+        rows.append({
+            "model, batch": description,
+            "logits": " x ".join(str(v) for v in logits.shape),
+            "step ms (trivial loss)": fmt(statistics.median(times["trivial"]), 1),
+            "as_softmax share": f"{100 * share('as_softmax'):.1f}%",
+            "cross_entropy share": f"{100 * share('cross_entropy'):.1f}%",
+        })
     return rows
 
 
-def _row(
-    name: str, n: int, c: int, dtype: torch.dtype, base: str, result: dict, masked: float
-) -> dict:
-    times, saved = result[name]
-    base_times, base_saved = result[base]
-    return {
-        "loss": name,
-        "logits (N x C)": f"{n} x {c}",
-        "dtype": str(dtype).replace("torch.", ""),
-        "baseline": base,
-        "time ratio (CPU)": f"{paired_ratio(times['cpu'], base_times['cpu']):.2f}",
-        "time ratio (wall)": f"{paired_ratio(times['wall'], base_times['wall']):.2f}",
-        "saved-bytes ratio": f"{saved / base_saved:.4f}",
-        "masked": f"{masked:.2f}",
-        "loss ms (CPU)": f"{statistics.median(times['cpu']) * 1e3:.2f}",
-        "baseline ms (CPU)": f"{statistics.median(base_times['cpu']) * 1e3:.2f}",
+# --------------------------------------------------------------------------- fused output layer
+
+
+def fused_loss():
+    """``linear_as_softmax_cross_entropy`` where this version of the package has it, else None."""
+    try:
+        from lightning_assoftmax.functional import linear_as_softmax_cross_entropy
+    except ImportError:
+        return None
+    return linear_as_softmax_cross_entropy
+
+
+def fused_candidates(device: str, delta: float) -> dict[str, Callable]:
+    """``name -> fn(hidden, weight, target)`` returning the loss, for the fused section."""
+    candidates: dict[str, Callable] = {
+        "F.linear + as_softmax_cross_entropy": lambda h, w, t: as_softmax_cross_entropy(
+            F.linear(h, w).float(), t, delta
+        ),
     }
+    fused = fused_loss()
+    if fused is not None:
+        candidates["linear_as_softmax_cross_entropy"] = lambda h, w, t: fused(
+            h, w, t, delta=delta
+        )
+    if device == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            liger = LigerFusedLinearCrossEntropyLoss()
+            candidates["liger LigerFusedLinearCrossEntropyLoss"] = lambda h, w, t: liger(w, h, t)
+        except ImportError:
+            pass
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+
+            candidates["cut_cross_entropy linear_cross_entropy"] = (
+                lambda h, w, t: linear_cross_entropy(h, w, t)
+            )
+        except ImportError:
+            pass
+        candidates["F.linear + F.cross_entropy"] = lambda h, w, t: F.cross_entropy(
+            F.linear(h, w).float(), t
+        )
+    return candidates
 
 
-def format_table(rows: list[dict]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[k] for k in header) + " |" for row in rows]
-    return "\n".join(lines)
+def fused_inputs(n: int, d: int, v: int, dtype, device: str):
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(n, d, generator=generator) / d**0.5
+    weight = torch.randn(v, d, generator=generator)
+    target = torch.randint(0, v, (n,), generator=generator)
+    # Raise the target's score so that the batch mixes masked and unmasked tokens.
+    weight[target[: n // 2]] += 2.0 * hidden[: n // 2]
+    return (
+        hidden.to(device=device, dtype=dtype).requires_grad_(),
+        weight.to(device=device, dtype=dtype).requires_grad_(),
+        target.to(device),
+    )
+
+
+def _fused_peak_child(name: str, n: int, d: int, v: int, delta: float) -> None:
+    """Child process of :func:`cpu_peak_rss`: one forward+backward (or nothing for "inputs")."""
+    hidden, weight, target = fused_inputs(n, d, v, torch.float32, "cpu")
+    if name != "inputs":
+        fused_candidates("cpu", delta)[name](hidden, weight, target).backward()
+
+
+def cpu_peak_rss(name: str, n: int, d: int, v: int, delta: float) -> int:
+    """Peak resident bytes of a fresh process that builds the inputs and runs ``name`` once."""
+    code = (
+        "import sys; sys.path[:0] = sys.argv[1:3]; import loss_speed; "
+        f"loss_speed._fused_peak_child({name!r}, {n}, {d}, {v}, {delta})"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    process = subprocess.Popen([sys.executable, "-c", code, here, root])
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"the peak-memory run of {name!r} failed (status {status})")
+    return usage.ru_maxrss * 1024  # kilobytes on Linux
+
+
+def fused_table(args, clock: Clock) -> list[dict] | None:
+    """Peak memory and time of the fused output layer + loss against the unfused pair."""
+    if fused_loss() is None and args.device == "cpu":
+        return None
+    if args.device == "cuda":
+        n, d, v, dtype = (256, 64, 1000, torch.bfloat16) if args.quick else (
+            8192, 4096, 128256, torch.bfloat16)
+    else:
+        n, d, v, dtype = (64, 16, 300, torch.float32) if args.quick else (
+            8192, 1024, 32000, torch.float32)
+    base = "F.linear + as_softmax_cross_entropy"
+    candidates = fused_candidates(args.device, args.delta)
+    hidden, weight, target = fused_inputs(n, d, v, dtype, args.device)
+
+    def run(fn) -> Fn:
+        def call() -> None:
+            hidden.grad = weight.grad = None
+            fn(hidden, weight, target).backward()
+
+        return call
+
+    runs = {name: run(fn) for name, fn in candidates.items()}
+    times = time_interleaved(clock, runs, 2 if args.quick else (20 if clock.cuda else 3))
+    if clock.cuda:
+        peak = {name: cuda_peak_bytes(fn) for name, fn in runs.items()}
+    else:
+        inputs = cpu_peak_rss("inputs", n, d, v, args.delta)
+        peak = {name: cpu_peak_rss(name, n, d, v, args.delta) - inputs for name in runs}
+    rows = []
+    for name in runs:
+        rows.append({
+            "implementation": name,
+            "N x d -> V": f"{n} x {d} -> {v}",
+            "dtype": str(dtype).replace("torch.", ""),
+            "time ratio": fmt(paired_ratio(times[name], times[base])),
+            "peak-memory ratio": fmt(peak[name] / max(peak[base], 1), 3),
+            "peak MiB": fmt(peak[name] / 2**20, 0),
+            "ms": fmt(statistics.median(times[name]), 1),
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny shapes and 2 repeats (a smoke run)"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke run)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--no-bf16", action="store_true", help="float32 only")
     parser.add_argument("--shapes", help="comma-separated NxC list, e.g. 2048x5000,512x32000")
     parser.add_argument(
-        "--layouts",
-        action="store_true",
-        help="add token logits (N, C, L): channel-second, and (N, L, C) viewed transposed",
+        "--sections",
+        default="loss,layouts,models,fused",
+        help="comma-separated subset of loss,layouts,models,fused (default: all)",
     )
-    parser.add_argument("--no-entmax", action="store_true", help="skip the sparsemax/entmax15 rows")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
     torch.set_num_threads(args.threads)
-    dtypes = [torch.float32] if args.no_bf16 else [torch.float32, torch.bfloat16]
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    clock = Clock(args.device)
+    sections = set(args.sections.split(","))
+    if args.quick:
+        shapes = QUICK_SHAPES
+    else:
+        shapes = CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    dtypes = [torch.float32, torch.bfloat16] if args.device == "cuda" else [torch.float32]
     start = time.perf_counter()
-    rows = run(shapes, dtypes, args.delta, args.quick, not args.no_entmax)
-    if args.layouts:
-        rows += layout_rows(args.delta, args.quick, torch.Generator().manual_seed(1))
-    table = format_table(rows)
-    print(table)
-    print(
-        f"\nCPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}, delta={args.delta}; "
-        f"forward+backward, medians of paired per-repeat ratios; {time.perf_counter() - start:.0f} s."
+    out: list[str] = []
+
+    def emit(title: str, rows: list[dict] | None, note: str = "") -> None:
+        if rows is None:
+            text = f"## {title}\n\n{note}"
+        else:
+            text = f"## {title}\n\n{format_table(rows)}"
+        print(text + "\n", flush=True)
+        out.append(text)
+
+    if "loss" in sections:
+        single, multi = loss_tables(args, clock, shapes, dtypes)
+        emit("Single-label, against F.cross_entropy (forward+backward)", single)
+        emit("Multi-label, against F.binary_cross_entropy_with_logits (forward+backward)", multi)
+    if "layouts" in sections:
+        emit("Token logits layouts, against F.cross_entropy", layout_table(args, clock))
+    if "models" in sections and args.device == "cpu":
+        emit("Share of the loss in a training step of each ready-made model", model_table(args, clock))
+    if "fused" in sections:
+        emit(
+            "Fused output layer and loss",
+            fused_table(args, clock),
+            "skipped: lightning_assoftmax.functional has no linear_as_softmax_cross_entropy.",
+        )
+    where = (
+        torch.cuda.get_device_name() if args.device == "cuda"
+        else f"CPU, {torch.get_num_threads()} thread(s)"
     )
-    return table
+    footer = (
+        f"{where}, torch {torch.__version__}, delta={args.delta}; medians of paired per-repeat "
+        f"ratios; {time.perf_counter() - start:.0f} s."
+    )
+    print(footer)
+    out.append(footer)
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":

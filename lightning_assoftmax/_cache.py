@@ -1,4 +1,4 @@
-"""Where the library keeps what it builds once per machine (tokenized corpora, compiled kernels)."""
+"""Where the library keeps what it builds once per machine (tokenized corpora)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,12 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops import labels_are_binary, target_out_of_range
+from lightning_assoftmax.ops import (
+    LabelsNotBinary,
+    TargetOutOfRange,
+    check_binary_labels,
+    check_class_indices,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -106,8 +111,8 @@ def check_class_target(
     logits: Tensor, target: Tensor, ignore_index: int, fn: str, values: bool = True
 ) -> None:
     """Validate a single-label target against ``logits`` laid out as in ``F.cross_entropy``;
-    with ``values``, also that every class index is in range (without: the loss ops check them
-    as their kernel reads them)."""
+    with ``values``, also that every class index is in range (reads the target on the host; the
+    loss ops check it themselves, on CPU only, and are called with ``values=False``)."""
     check_logits(logits, fn)
     if not isinstance(target, Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor of class indices, got {type(target).__name__}.")
@@ -133,18 +138,16 @@ def check_class_target(
         raise ValueError(f"{fn}: logits have 0 classes (shape {tuple(logits.shape)}).")
     if not values or target.numel() == 0:
         return
-    bad = target_out_of_range(target, num_classes, ignore_index)
-    if bad is not None:
-        raise ValueError(
-            f"{fn}: target contains class index {bad}, outside [0, {num_classes - 1}] for "
-            f"{num_classes} classes (ignore_index={ignore_index} marks positions to skip). "
-            "Check the label encoding or the size of the classifier head."
-        )
+    try:
+        check_class_indices(target, num_classes, ignore_index)
+    except TargetOutOfRange as error:
+        raise ValueError(f"{fn}: {error}") from None
 
 
 def check_multilabel_target(logits: Tensor, target: Tensor, fn: str, values: bool = True) -> None:
     """Shape and type of a multi-label target and, with ``values``, that it holds only 0 and 1
-    (without: the loss ops check the values as their kernels read them)."""
+    (reads the target on the host; the loss ops check it themselves, on CPU only, and are called
+    with ``values=False``)."""
     check_logits(logits, fn)
     if not isinstance(target, Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor of 0/1 labels, got {type(target).__name__}.")
@@ -154,22 +157,8 @@ def check_multilabel_target(logits: Tensor, target: Tensor, fn: str, values: boo
             f"{tuple(logits.shape)} (one 0/1 entry per label; convert class indices with "
             "F.one_hot(target, num_classes).)"
         )
-    if values and target.numel() and not labels_are_binary(target):
-        value = target[(target != 0) & (target != 1)].flatten()[0]
-        bad = _shortest_repr(value)
-        raise ValueError(
-            f"{fn}: multi-label target must contain only 0 and 1, found {bad}. "
-            "Threshold soft labels first (e.g. `(target > 0.5).float()`)."
-        )
-
-
-def _shortest_repr(value: Tensor) -> str:
-    """The shortest decimal that reads back as the same value in its dtype (0.7, 0.99999994)."""
-    number = value.item()
-    if not isinstance(number, float):
-        return repr(number)
-    for digits in range(1, 18):
-        text = f"{number:.{digits}g}"
-        if torch.tensor(float(text), dtype=value.dtype) == value:
-            return text
-    return repr(number)
+    if values:
+        try:
+            check_binary_labels(target)
+        except LabelsNotBinary as error:
+            raise ValueError(f"{fn}: {error}") from None

@@ -25,7 +25,7 @@ from lightning_assoftmax.ops import (
     LabelsNotBinary,
     compute_dtype,
     multilabel_as_softmax_keep,
-    multilabel_as_softmax_rows_loss,
+    multilabel_as_softmax_rows,
 )
 
 __all__ = [
@@ -36,46 +36,39 @@ __all__ = [
 ]
 
 
-def _losses(logits: Tensor, target: Tensor, delta: float, reduction: str) -> tuple[Tensor, Tensor]:
-    """The loss reduced by ``reduction`` and the per-row losses, for validated inputs."""
-    if logits.dim() == 1:
-        logits, target = logits.unsqueeze(0), target.unsqueeze(0)
-    if logits.numel() == 0:
-        # Stay attached to the graph: backward through an empty batch must work (zero gradient).
-        rows = logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
-        return (rows if reduction == "none" else rows.sum()), rows
-    if reduction == "none":
-        rows = multilabel_as_softmax_rows_loss(logits, target, delta, check_labels=True)
-        return rows, rows
-    return multilabel_as_softmax_rows_loss(logits, target, delta, reduction, check_labels=True)
-
-
 def multilabel_as_softmax_loss_and_stats(
     logits: Tensor, target: Tensor, delta: float = 0.1, *, reduction: str = "mean"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The multi-label loss plus ``(masked_count, row_count)`` (rows with loss exactly 0)."""
-    out, rows = _loss(logits, target, delta, reduction)
-    with torch.no_grad():
-        masked = (rows.detach() == 0).sum()
-        count = torch.tensor(rows.shape[0], device=rows.device)
-    return out, masked, count
+    """The multi-label loss plus ``(masked_count, row_count)`` (rows with loss exactly 0), both
+    0-dim ``torch.long`` tensors on the logits' device."""
+    out, masked = _loss(logits, target, delta, reduction)
+    count = torch.full((), masked.shape[0], dtype=torch.long, device=masked.device)
+    return out, masked.sum(), count
 
 
 def _loss(logits: Tensor, target: Tensor, delta: float, reduction: str) -> tuple[Tensor, Tensor]:
-    """The reduced loss and the per-row losses."""
+    """The reduced loss and the masked flag of each row, flat ``(M,)``."""
     fn = "multilabel_as_softmax_loss"
     delta = check_delta(delta)
     reduction = check_reduction(reduction)
-    # The label values are checked as the kernels read them (one pass less over the target).
+    # The labels are checked by the op, on CPU only (reading them from a GPU would synchronise).
     check_multilabel_target(logits, target, fn, values=False)
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
     try:
-        out, rows = _losses(logits, target, delta, reduction)
-    except LabelsNotBinary:
-        check_multilabel_target(logits, target, fn)  # raises the error naming the value
-        raise
+        rows, _, masked = multilabel_as_softmax_rows(
+            class_rows(logits), class_rows(target), delta, need_grad
+        )
+    except LabelsNotBinary as error:
+        raise ValueError(f"{fn}: {error}") from None
     if reduction == "none":
-        out = out.reshape(logits.shape[:1] + logits.shape[2:]) if logits.dim() > 1 else out.reshape(())
-    return out, rows
+        # A copy, not a view of the op's output: callers may weight the loss in place.
+        shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
+        out = rows if logits.dim() == 2 else rows.reshape(shape).clone()
+    elif reduction == "sum":
+        out = rows.sum()
+    else:  # an empty batch gives 0, not NaN
+        out = rows.sum() / max(rows.shape[0], 1)
+    return out, masked
 
 
 def multilabel_as_softmax_loss(
@@ -109,7 +102,7 @@ def multilabel_as_softmax_keep_mask(logits: Tensor, target: Tensor, delta: float
     delta = check_delta(delta)
     check_multilabel_target(logits, target, "multilabel_as_softmax_keep_mask")
     scores = class_rows(logits).detach().to(compute_dtype(logits.dtype))
-    keep = multilabel_as_softmax_keep(scores, class_rows(target) > 0.5, delta)
+    keep = multilabel_as_softmax_keep(scores, class_rows(target) != 0, delta)
     return from_class_rows(keep, logits.shape)
 
 

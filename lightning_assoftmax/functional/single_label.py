@@ -7,8 +7,10 @@ For logits :math:`z`, target :math:`t` and :math:`p = \mathrm{softmax}(z)`, clas
           = \log \sum_{i\ \mathrm{kept}} p_i - \log p_t .
 
 When only the target is kept the loss is exactly 0 (and so is its gradient): a *masked sample*.
-The loss runs through the fused kernel in :mod:`lightning_assoftmax.ops` (one softmax per row
-gives the decision, the loss and the gradient); this module validates, reshapes and reduces.
+The loss runs through the custom op of :mod:`lightning_assoftmax.ops` (one softmax per row gives
+the decision, the loss and the gradient); this module validates, reshapes and reduces, without
+reading any tensor value on the host, so a call never synchronises a GPU and compiles with
+``torch.compile(fullgraph=True)``.
 
 Everything here is pure PyTorch: no Lightning import.
 """
@@ -27,7 +29,7 @@ from lightning_assoftmax.functional._layout import class_rows, from_class_rows, 
 from lightning_assoftmax.ops import (
     TargetOutOfRange,
     as_softmax_keep_threshold,
-    as_softmax_rows_loss,
+    as_softmax_rows,
     compute_dtype,
 )
 
@@ -38,44 +40,37 @@ __all__ = [
     "masked_sample_ratio",
 ]
 
-
-def _losses(
-    logits: Tensor, target: Tensor, delta: float, ignore_index: int, reduction: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss, per-element loss, validity)`` for validated inputs, the last two flat ``(M,)``.
-
-    Class indices outside ``[0, C)`` raise ``TargetOutOfRange`` (checked as the kernel reads
-    them)."""
-    if logits.dim() == 1:
-        logits, target = logits.unsqueeze(0), target.reshape(1)
-    if target.numel() == 0:
-        # Stay attached to the graph: backward through an empty batch must work (zero gradient).
-        rows = logits.to(compute_dtype(logits.dtype)).sum(dim=1).reshape(-1)
-        valid = torch.zeros(0, dtype=torch.bool, device=logits.device)
-        return (rows if reduction == "none" else rows.sum()), rows, valid
-    if reduction == "none":
-        rows, valid = as_softmax_rows_loss(logits, target, delta, ignore_index, check_targets=True)
-        return rows, rows, valid
-    return as_softmax_rows_loss(logits, target, delta, ignore_index, reduction, check_targets=True)
+_INT64 = range(-(2**63), 2**63)
 
 
 def _loss(
     logits: Tensor, target: Tensor, delta: float, ignore_index: int, reduction: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The reduced loss (``none``: shaped like ``target``), the per-element losses and validity."""
+    """The reduced loss (``none``: shaped like ``target``), and the masked and valid flags of
+    the elements, flat ``(M,)``."""
     fn = "as_softmax_cross_entropy"
     delta = check_delta(delta)
     reduction = check_reduction(reduction)
-    # Class indices are range-checked as the kernel reads them (one pass less over the target).
+    # Class indices are range-checked by the op, on CPU only: reading them from a GPU would
+    # synchronise (there, as with F.cross_entropy, a bad index is a device-side assert).
     check_class_target(logits, target, ignore_index, fn, values=False)
+    z, t = class_rows(logits), target_rows(target)
+    if ignore_index not in _INT64:  # no int64 target equals it; the op takes an int64
+        ignore_index = -(2**63)
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
     try:
-        out, rows, valid = _losses(logits, target, delta, ignore_index, reduction)
-    except TargetOutOfRange:
-        check_class_target(logits, target, ignore_index, fn)  # raises the error naming the index
-        raise
+        rows, _, masked = as_softmax_rows(z, t, delta, ignore_index, need_grad)
+    except TargetOutOfRange as error:
+        raise ValueError(f"{fn}: {error}") from None
+    valid = t != ignore_index
     if reduction == "none":
-        out = out.reshape(target.shape)
-    return out, rows, valid
+        # A copy, not a view of the op's output: callers may weight the loss in place.
+        out = rows if target.dim() == 1 else rows.reshape(target.shape).clone()
+    elif reduction == "sum":
+        out = rows.sum()
+    else:  # over non-ignored elements; all ignored -> 0, not NaN
+        out = rows.sum() / valid.sum().clamp(min=1)
+    return out, masked, valid
 
 
 def as_softmax_loss_and_stats(
@@ -91,11 +86,8 @@ def as_softmax_loss_and_stats(
     ``masked_count`` counts non-ignored elements whose loss is exactly zero (a NaN loss never is);
     ``valid_count`` counts non-ignored elements. Both are 0-dim ``torch.long`` tensors, detached.
     """
-    out, rows, valid = _loss(logits, target, delta, ignore_index, reduction)
-    with torch.no_grad():
-        masked = (valid & (rows.detach() == 0)).sum()
-        valid_count = valid.sum()
-    return out, masked, valid_count
+    out, masked, valid = _loss(logits, target, delta, ignore_index, reduction)
+    return out, masked.sum(), valid.sum()
 
 
 def as_softmax_cross_entropy(

@@ -1,0 +1,67 @@
+"""The autograd side shared by the row-loss custom ops: the gradient is prepared in the forward.
+
+Each op returns ``(loss (M,), grad (M, C), masked (M,))`` with ``grad`` the derivative of each
+row's loss with respect to that row's logits; backward multiplies it by the upstream gradient of
+each row's loss. Nothing else is saved, so autograd keeps one ``(M, C)`` tensor, as
+``F.cross_entropy`` keeps its log-probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["register_row_autograd"]
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward pass keeps the graph (``retain_graph=True``).
+
+    When it does not, the saved gradient is dead after this backward and may be scaled in place
+    (as compiled autograd does with donated buffers). Outside a backward pass, or on a torch
+    without the query, the answer is True (never overwrite).
+    """
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if getter is None else bool(getter())
+
+
+def register_row_autograd(op: Any, loss_name: str) -> None:
+    """Register the backward of a row-loss custom op ``op`` (see the module docstring)."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        _, grad, masked = output
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(grad, masked)
+        # No zero-filled (M, C) stand-in for the gradient of the unused outputs.
+        ctx.set_materialize_grads(False)
+        ctx.other_inputs = len(inputs) - 1
+
+    def backward(ctx, grad_loss: Tensor, _grad: Tensor, _masked: Tensor):
+        if torch.is_grad_enabled():
+            # The saved gradient is a constant: a second derivative through it would be
+            # silently wrong, not merely slow.
+            raise RuntimeError(
+                f"{loss_name} does not support double backward (create_graph=True): its "
+                "gradient is computed in the forward pass. Differentiate the loss once, or use "
+                "a plain-PyTorch formulation for higher-order derivatives."
+            )
+        (grad,) = ctx.saved_tensors
+        if grad_loss is None:  # the loss took no part in what is differentiated
+            return (None,) * (1 + ctx.other_inputs)
+        if grad.dim() != 2:
+            raise RuntimeError(
+                f"{loss_name}: backward through a call made with need_grad=False; pass "
+                "need_grad=True when the logits require a gradient."
+            )
+        scale = grad_loss.unsqueeze(1)
+        # Plain tensors only: under torch.compile the backward is traced functionally (fake and
+        # functional tensor subclasses), and the compiler manages the buffers itself.
+        if type(grad) is Tensor and not _graph_is_kept():
+            grad_logits = grad.mul_(scale)
+        else:
+            grad_logits = (grad * scale).to(grad.dtype)
+        return (grad_logits,) + (None,) * ctx.other_inputs
+
+    op.register_autograd(backward, setup_context=setup_context)
