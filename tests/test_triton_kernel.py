@@ -1,0 +1,132 @@
+"""The Triton kernel against the plain reference, run by Triton's interpreter on CPU tensors.
+
+``TRITON_INTERPRET=1`` executes the kernel with NumPy on CPU tensors, so CI checks the CUDA code
+path without a GPU (small shapes: the interpreter is slow). On a CUDA machine the same tests run
+the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from tests.reference import reference_as_softmax
+
+triton = pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The kernel module (tests/conftest.py turns the interpreter on when there is no GPU)."""
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (set before triton was imported)")
+    return importlib.import_module("lightning_assoftmax.ops.triton_single_label")
+
+
+def reference_rows(logits, target, delta, ignore_index=-100):
+    """Per-row loss and gradient of the slow reference (float64), and the masked flags."""
+    leaf = logits.detach().double().requires_grad_()
+    loss = reference_as_softmax(leaf, target, delta, ignore_index, reduction="none")
+    loss.sum().backward()
+    valid = target != ignore_index
+    return loss.detach(), leaf.grad, valid & (loss.detach() == 0)
+
+
+def make_rows(rows, classes, seed, scale=3.0, ignore=0.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, classes, generator=g) * scale
+    target = torch.randint(0, classes, (rows,), generator=g)
+    # Make some rows confidently correct so that they are masked.
+    confident = torch.rand(rows, generator=g) < 0.3
+    logits[confident, target[confident]] += 12.0
+    if ignore:
+        target[torch.rand(rows, generator=g) < ignore] = -100
+    return logits, target
+
+
+@pytest.mark.parametrize("classes", [1, 5, 37, 300])
+@pytest.mark.parametrize("delta", [0.0, 0.1, 0.5, 1.0])
+def test_matches_reference_float32(kernel, classes, delta):
+    logits, target = make_rows(24, classes, seed=classes, ignore=0.15)
+    loss, grad, masked = kernel.as_softmax_forward_rows_triton(
+        logits.to(DEVICE), target.to(DEVICE), delta, -100, True
+    )
+    ref_loss, ref_grad, ref_masked = reference_rows(logits, target, delta)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(masked.cpu(), ref_masked)
+    # Masked and ignored rows: exact zeros, not round-off.
+    zero_rows = ref_masked | (target == -100)
+    assert (loss.cpu()[zero_rows] == 0).all() and (grad.cpu()[zero_rows] == 0).all()
+    if 0.0 < delta < 1.0 and classes > 1:
+        assert ref_masked.any() and not ref_masked.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_decides_in_float32(kernel, dtype):
+    logits, target = make_rows(16, 50, seed=7)
+    logits = logits.to(dtype)
+    loss, grad, masked = kernel.as_softmax_forward_rows_triton(
+        logits.to(DEVICE), target.to(DEVICE), 0.1, -100, True
+    )
+    ref_loss, ref_grad, ref_masked = reference_rows(logits.float(), target, 0.1)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad.to(dtype).double(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(masked.cpu(), ref_masked)
+
+
+def test_blocks_smaller_than_the_row(kernel, monkeypatch):
+    """Rows longer than one block: the online max/sum and the block loops."""
+    monkeypatch.setattr(kernel, "_MAX_BLOCK", 16)
+    logits, target = make_rows(6, 100, seed=3, scale=8.0)
+    loss, grad, masked = kernel.as_softmax_forward_rows_triton(logits.to(DEVICE), target.to(DEVICE), 0.05, -100, True)
+    ref_loss, ref_grad, ref_masked = reference_rows(logits, target, 0.05)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(masked.cpu(), ref_masked)
+
+
+def test_strided_rows_and_no_grad(kernel):
+    """A transposed view (class stride != 1) and the loss-only launch."""
+    logits, target = make_rows(40, 12, seed=5)
+    strided = logits.t().contiguous().t()
+    assert strided.stride() != logits.stride()
+    loss, grad, masked = kernel.as_softmax_forward_rows_triton(strided.to(DEVICE), target.to(DEVICE), 0.1, -100, False)
+    ref_loss, _, ref_masked = reference_rows(logits, target, 0.1)
+    assert grad.numel() == 0
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(masked.cpu(), ref_masked)
+
+
+def test_hostile_rows(kernel):
+    """NaN and +inf rows give NaN and are never masked; -inf classes are fine; tiny p_t is exact."""
+    logits = torch.tensor(
+        [
+            [float("nan"), 0.0, 1.0],
+            [float("inf"), 0.0, 1.0],
+            [float("-inf"), 5.0, 0.0],  # target 1, a ruled-out class: masked
+            [-200.0, 0.0, 0.0],  # target 0 with p_t ~ e^-200: underflows in float32
+            [float("-inf"), float("-inf"), float("-inf")],
+        ]
+    )
+    target = torch.tensor([0, 1, 1, 0, -100])
+    loss, grad, masked = kernel.as_softmax_forward_rows_triton(logits.to(DEVICE), target.to(DEVICE), 0.1, -100, True)
+    loss, grad, masked = loss.cpu(), grad.cpu(), masked.cpu()
+    assert loss[:2].isnan().all() and not masked[:2].any()
+    assert loss[2] == 0 and masked[2] and (grad[2] == 0).all()
+    expected = torch.logsumexp(torch.tensor([-200.0, 0.0, 0.0], dtype=torch.float64), 0) + 200.0
+    torch.testing.assert_close(loss[3].double(), expected, rtol=1e-6, atol=0)
+    assert loss[4] == 0 and not masked[4] and (grad[4] == 0).all()
+
+
+def test_out_of_range_class_reads_nothing_and_gives_nan(kernel):
+    logits, _ = make_rows(3, 4, seed=1)
+    target = torch.tensor([1, 4, -3])
+    loss, _, masked = kernel.as_softmax_forward_rows_triton(logits.to(DEVICE), target.to(DEVICE), 0.1, -100, True)
+    assert torch.isfinite(loss.cpu()[0]) and loss.cpu()[1:].isnan().all() and not masked.cpu().any()
