@@ -11,7 +11,7 @@ from lightning_assoftmax.callbacks import (
     LossAccuracyCorrelation,
 )
 from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
-from lightning_assoftmax.losses import ASSoftmaxLoss, MultiLabelASSoftmaxLoss
+from lightning_assoftmax.losses import ASSoftmaxLoss, LinearASSoftmaxLoss, MultiLabelASSoftmaxLoss
 from lightning_assoftmax.metrics import MaskedSampleRatio
 from lightning_assoftmax.mixin import ASSoftmaxMixin
 
@@ -23,6 +23,7 @@ __all__ = [
     "ASSoftmaxMixin",
     "CosineClassifier",
     "DeltaWarmup",
+    "LinearASSoftmaxLoss",
     "LossAccuracyCorrelation",
     "MaskedSampleRatio",
     "MultiLabelASSoftmaxLoss",

@@ -7,11 +7,12 @@ from torch import Tensor, nn
 from lightning_assoftmax.functional import (
     as_softmax_cross_entropy,
     as_softmax_loss_and_stats,
+    linear_as_softmax_loss_and_stats,
     multilabel_as_softmax_loss,
 )
 from lightning_assoftmax.functional._checks import check_delta, check_ignore_index, check_reduction
 
-__all__ = ["ASSoftmaxLoss", "MultiLabelASSoftmaxLoss"]
+__all__ = ["ASSoftmaxLoss", "LinearASSoftmaxLoss", "MultiLabelASSoftmaxLoss"]
 
 
 class ASSoftmaxLoss(nn.Module):
@@ -55,6 +56,58 @@ class ASSoftmaxLoss(nn.Module):
     def predictive_logits(self, logits: Tensor) -> Tensor:
         """Prediction is unchanged by the mask: the raw logits."""
         return logits
+
+    def extra_repr(self) -> str:
+        return f"delta={self.delta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+class LinearASSoftmaxLoss(nn.Module):
+    """The output layer and the AS-Softmax loss fused: ``loss(input, weight, target, bias)``.
+
+    The module form of :func:`~lightning_assoftmax.functional.linear_as_softmax_cross_entropy`
+    (as Liger-Kernel's fused linear cross entropy, it takes the layer's weight rather than owning
+    it): equal to ``ASSoftmaxLoss(delta)(F.linear(input, weight, bias), target)`` for
+    ``(N, d)`` input, without ever forming the ``(N, V)`` logits of the whole batch.
+
+    Args:
+        delta: margin in ``[0, 1]`` (``1`` is plain cross entropy). Mutable.
+        ignore_index: target value to skip.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
+        chunk_size: rows of logits formed at once (``None``: from a memory budget).
+
+    Example:
+        >>> import torch
+        >>> head = torch.nn.Linear(16, 1000)
+        >>> criterion = LinearASSoftmaxLoss(delta=0.1)
+        >>> hidden, target = torch.randn(8, 16), torch.randint(0, 1000, (8,))
+        >>> criterion(hidden, head.weight, target, head.bias).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        delta: float = 0.1,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.delta = check_delta(delta)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.reduction = check_reduction(reduction)
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.loss_and_stats(input, weight, target, bias)[0]
+
+    def loss_and_stats(
+        self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss plus ``(masked_count, valid_count)``, 0-dim long tensors."""
+        return linear_as_softmax_loss_and_stats(
+            input, weight, target, bias, self.delta,
+            ignore_index=self.ignore_index, reduction=self.reduction, chunk_size=self.chunk_size,
+        )
 
     def extra_repr(self) -> str:
         return f"delta={self.delta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

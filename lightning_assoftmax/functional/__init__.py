@@ -1,6 +1,10 @@
 """Pure-PyTorch AS-Softmax math (no Lightning import): losses, masks, ratios, the AS-Speed rule."""
 
 from lightning_assoftmax.functional.accumulation import accumulation_steps, next_accumulation_steps
+from lightning_assoftmax.functional.linear import (
+    linear_as_softmax_cross_entropy,
+    linear_as_softmax_loss_and_stats,
+)
 from lightning_assoftmax.functional.multi_label import (
     multilabel_as_softmax_keep_mask,
     multilabel_as_softmax_loss,
@@ -19,6 +23,8 @@ __all__ = [
     "as_softmax_cross_entropy",
     "as_softmax_keep_mask",
     "as_softmax_loss_and_stats",
+    "linear_as_softmax_cross_entropy",
+    "linear_as_softmax_loss_and_stats",
     "masked_sample_ratio",
     "multilabel_as_softmax_keep_mask",
     "multilabel_as_softmax_loss",

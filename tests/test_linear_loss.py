@@ -1,0 +1,167 @@
+"""The fused output layer + AS-Softmax loss against the slow reference on full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_assoftmax.functional import (
+    linear_as_softmax_cross_entropy,
+    linear_as_softmax_loss_and_stats,
+)
+from tests.reference import reference_as_softmax
+
+
+def make_problem(rows=24, dim=8, classes=40, seed=0, ignore=0.2, dtype=torch.float64, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=g, dtype=torch.float64)
+    w = torch.randn(classes, dim, generator=g, dtype=torch.float64)
+    b = torch.randn(classes, generator=g, dtype=torch.float64) if bias else None
+    target = torch.randint(0, classes, (rows,), generator=g)
+    # Make a third of the rows confidently correct (masked samples).
+    confident = torch.arange(rows) % 3 == 0
+    x[confident] = 3.0 * w[target[confident]]
+    target[torch.rand(rows, generator=g) < ignore] = -100
+    leaves = [t.to(dtype).requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    return leaves, target
+
+
+def reference(leaves, target, delta, reduction, weighted=True):
+    x, w, *rest = [t.detach().double().requires_grad_() for t in leaves]
+    b = rest[0] if rest else None
+    logits = F.linear(x, w, b)
+    loss = reference_as_softmax(logits, target, delta, reduction=reduction)
+    upstream = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    if not weighted:
+        upstream = torch.ones_like(upstream)
+    (loss * upstream).sum().backward()
+    grads = [x.grad, w.grad] + ([b.grad] if b is not None else [])
+    return loss.detach(), grads, upstream
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+@pytest.mark.parametrize("delta", [0.0, 0.1, 1.0])
+def test_value_and_gradients_match_the_reference(reduction, chunk_size, delta):
+    leaves, target = make_problem()
+    expected, expected_grads, upstream = reference(leaves, target, delta, reduction)
+    x, w, b = leaves
+    loss = linear_as_softmax_cross_entropy(
+        x, w, target, b, delta, reduction=reduction, chunk_size=chunk_size
+    )
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-10, atol=1e-12)
+    (loss * upstream).sum().backward()
+    for leaf, grad in zip(leaves, expected_grads, strict=True):
+        torch.testing.assert_close(leaf.grad, grad, rtol=1e-9, atol=1e-12)
+
+
+def test_masked_rows_have_exactly_zero_gradient_and_are_counted():
+    leaves, target = make_problem(ignore=0.0, bias=False)
+    x, w = leaves
+    loss, masked, valid = linear_as_softmax_loss_and_stats(x, w, target, None, 0.1, reduction="none")
+    loss.sum().backward()
+    zero = loss.detach() == 0
+    assert zero.any() and not zero.all()
+    assert masked.item() == zero.sum().item() and valid.item() == len(target)
+    assert (x.grad[zero] == 0).all()
+
+
+def test_leading_dimensions_and_ignored_positions():
+    leaves, target = make_problem(rows=24, bias=False)
+    x, w = leaves
+    x3, t3 = x.detach().reshape(2, 12, -1).requires_grad_(), target.reshape(2, 12)
+    loss = linear_as_softmax_cross_entropy(x3, w, t3, reduction="none", chunk_size=7)
+    assert loss.shape == (2, 12)
+    assert (loss[t3 == -100] == 0).all()
+    loss.sum().backward()
+    assert (x3.grad[t3 == -100] == 0).all()
+    expected = reference_as_softmax(F.linear(x.detach(), w.detach()), target, 0.1, reduction="none")
+    torch.testing.assert_close(loss.detach().reshape(-1), expected)
+
+
+def test_all_ignored_batch_gives_zero_and_a_working_backward():
+    leaves, target = make_problem(ignore=1.0)
+    x, w, b = leaves
+    loss = linear_as_softmax_cross_entropy(x, w, target, b)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert (x.grad == 0).all() and (w.grad == 0).all() and (b.grad == 0).all()
+
+
+def test_retained_graph_gives_the_same_gradient_twice():
+    leaves, target = make_problem()
+    x, w, b = leaves
+    loss = linear_as_softmax_cross_entropy(x, w, target, b, chunk_size=4)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    (2 * loss).backward()
+    for t, g in zip(leaves, first, strict=True):
+        torch.testing.assert_close(t.grad, 2 * g)
+
+
+def test_without_grad_only_the_loss_is_computed():
+    leaves, target = make_problem()
+    x, w, b = leaves
+    with torch.no_grad():
+        loss = linear_as_softmax_cross_entropy(x, w, target, b, reduction="sum")
+    expected, *_ = reference(leaves, target, 0.1, "sum")
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lower_precision_inputs(dtype):
+    leaves, target = make_problem(dtype=dtype, classes=64)
+    x, w, b = leaves
+    loss = linear_as_softmax_cross_entropy(x, w, target, b, chunk_size=8)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype and b.grad.dtype == dtype
+    # Reference on the same rounded inputs, in float64; bfloat16 logits and gradients carry
+    # 8 bits of mantissa, so compare to a tolerance relative to the gradient's scale.
+    expected, grads, _ = reference(leaves, target, 0.1, "mean", weighted=False)
+    low = dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), expected, rtol=3e-2 if low else 1e-5, atol=0)
+    for leaf, grad in zip(leaves, grads, strict=True):
+        error = (leaf.grad.double() - grad).abs().max() / grad.abs().max()
+        assert error < (3e-2 if low else 1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target=torch.tensor([0, 7])), "class index 7"),
+        (dict(target=torch.tensor([0.0, 1.0])), "integer tensor"),
+        (dict(target=torch.tensor([0, 1, 2])), "target shape"),
+        (dict(weight=torch.zeros(5, 4)), "in_features=4"),
+        (dict(bias=torch.zeros(4)), r"bias must have shape \(5,\)"),
+        (dict(delta=1.5), "delta must lie in"),
+        (dict(reduction="avg"), "reduction must be one of"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(weight=torch.zeros(5, 3, dtype=torch.float64)), "same dtype"),
+    ],
+)
+def test_bad_input_is_named(kwargs, match):
+    args = dict(input=torch.zeros(2, 3), weight=torch.zeros(5, 3), target=torch.tensor([0, 1]), bias=None)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_as_softmax_cross_entropy(**args)
+
+
+def test_module_form_matches_the_reference_and_reports_counts():
+    from lightning_assoftmax import LinearASSoftmaxLoss
+
+    leaves, target = make_problem()
+    x, w, b = leaves
+    criterion = LinearASSoftmaxLoss(delta=0.2, chunk_size=3)
+    loss, masked, valid = criterion.loss_and_stats(x, w, target, b)
+    expected, grads, _ = reference(leaves, target, 0.2, "mean", weighted=False)
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    torch.testing.assert_close(w.grad, grads[1])
+    rows = reference_as_softmax(F.linear(x.detach(), w.detach(), b.detach()), target, 0.2, reduction="none")
+    assert masked.item() == ((rows == 0) & (target != -100)).sum().item()
+    assert valid.item() == (target != -100).sum().item()
