@@ -130,3 +130,15 @@ def test_out_of_range_class_reads_nothing_and_gives_nan(kernel):
     target = torch.tensor([1, 4, -3])
     loss, _, masked = kernel.as_softmax_forward_rows_triton(logits.to(DEVICE), target.to(DEVICE), 0.1, -100, True)
     assert torch.isfinite(loss.cpu()[0]) and loss.cpu()[1:].isnan().all() and not masked.cpu().any()
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_gradient_scale_is_applied_as_written(kernel, per_row):
+    logits, target = make_rows(12, 30, seed=11, ignore=0.2)
+    scale = torch.linspace(0.5, 3.0, 12) if per_row else torch.tensor(0.25)
+    _, grad, _ = kernel.as_softmax_forward_rows_triton(
+        logits.to(DEVICE), target.to(DEVICE), 0.1, -100, True, grad_scale=scale.to(DEVICE)
+    )
+    _, ref_grad, _ = reference_rows(logits, target, 0.1)
+    expected = ref_grad * (scale.double()[:, None] if per_row else scale.double())
+    torch.testing.assert_close(grad.cpu().double(), expected, rtol=1e-5, atol=1e-6)

@@ -21,6 +21,8 @@ products; ignored rows likewise.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,31 @@ def default_chunk_rows(rows: int, num_classes: int, device: torch.device) -> int
     """Rows per chunk so that a chunk's float32 logits take about the device's chunk budget."""
     budget = _CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES)
     return max(1, min(rows, budget // (4 * max(num_classes, 1))))
+
+
+@functools.cache
+def _triton_kernel():
+    """The Triton kernel module, or ``None`` where triton is not installed."""
+    try:
+        from lightning_assoftmax.ops import triton_single_label
+    except ImportError:
+        return None
+    return triton_single_label
+
+
+def _rows_loss(logits: Tensor, target: Tensor, delta: float, ignore_index: int, scale: Tensor | None):
+    """The rows kernel on one chunk, its gradient multiplied by ``scale`` (``None``: no gradient).
+
+    On CUDA the Triton kernel applies the factor as it writes the gradient (no extra pass)."""
+    kernel = _triton_kernel() if logits.is_cuda else None
+    if kernel is not None and scale is not None and logits.dtype in kernel.SUPPORTED_DTYPES:
+        return kernel.as_softmax_forward_rows_triton(
+            logits, target, delta, ignore_index, True, grad_scale=scale.to(torch.float32)
+        )
+    loss, grad, masked = as_softmax_forward_rows(logits, target, delta, ignore_index, scale is not None)
+    if scale is not None:
+        grad.mul_((scale if scale.dim() == 0 else scale[:, None]).to(grad.dtype))
+    return loss, grad, masked
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,16 +109,15 @@ def _chunks(
         logits = x_chunk @ weight.t()
         if bias is not None:
             logits += bias
-        chunk_loss, grad, chunk_masked = as_softmax_forward_rows(
-            logits, target[start:stop], delta, ignore_index, need_grad
-        )
+        scale = None
+        if need_grad:
+            scale = row_scale if row_scale.dim() == 0 else row_scale[start:stop]
+        chunk_loss, grad, chunk_masked = _rows_loss(logits, target[start:stop], delta, ignore_index, scale)
         del logits
         loss[start:stop] = chunk_loss
         masked[start:stop] = chunk_masked
         if not need_grad:
             continue
-        scale = row_scale if row_scale.dim() == 0 else row_scale[start:stop, None]
-        grad.mul_(scale.to(grad.dtype))
         if grad_x is not None:
             torch.mm(grad, weight, out=grad_x[start:stop])
         if grad_w is not None:

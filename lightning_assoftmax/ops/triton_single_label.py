@@ -45,10 +45,13 @@ def _as_softmax_rows_kernel(
     masked_ptr,
     grad_ptr,
     grad_row_stride,
+    scale_ptr,
+    scale_stride,
     num_classes,
     delta,
     ignore_index,
     HAS_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -112,13 +115,18 @@ def _as_softmax_rows_kernel(
     if HAS_GRAD:
         # Pass 3: the gradient, written once. Masked rows get exact zeros.
         inv_mass = tl.where(masked, 0.0, 1.0 / kept_mass)
+        one_hot = 1.0
+        if HAS_SCALE:
+            row_scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+            inv_mass = inv_mass * row_scale
+            one_hot = row_scale
         for start in range(0, num_classes, BLOCK):
             offs = start + cols
             in_row = offs < num_classes
             z = tl.load(z_row + offs * z_col_stride, mask=in_row, other=-float("inf"))
             p = tl.exp(z.to(tl.float32) - shift) / s
             keep = (p >= threshold) | (p != p) | (offs == target)
-            g = tl.where(keep, p * inv_mass, 0.0) - tl.where(offs == target, 1.0, 0.0)
+            g = tl.where(keep, p * inv_mass, 0.0) - tl.where(offs == target, one_hot, 0.0)
             g = tl.where(masked, 0.0, g)
             tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -131,7 +139,12 @@ def _launch_config(num_classes: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def as_softmax_forward_rows_triton(
-    logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad: bool
+    logits: Tensor,
+    target: Tensor,
+    delta: float,
+    ignore_index: int,
+    need_grad: bool,
+    grad_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row AS-Softmax loss, gradient and masked flags from one kernel launch.
 
@@ -141,6 +154,8 @@ def as_softmax_forward_rows_triton(
         delta: margin in ``[0, 1]``.
         ignore_index: target value of skipped rows.
         need_grad: whether to write the gradient.
+        grad_scale: a 0-dim or ``(M,)`` float tensor multiplying each row's gradient as it is
+            written (the reduction's and the upstream gradient's factor, at no extra pass).
 
     Returns:
         ``(loss (M,) float32, grad (M, C) in the logits' dtype with grad[r] = d loss[r] / d
@@ -164,11 +179,14 @@ def as_softmax_forward_rows_triton(
         loss,
         masked,
         grad if need_grad else loss,
-        num_classes if need_grad else 0,
+        grad.stride(0) if need_grad else 0,
+        grad_scale if grad_scale is not None else loss,
+        0 if grad_scale is None or grad_scale.dim() == 0 else grad_scale.stride(0),
         num_classes,
         float(delta),
         int(ignore_index),
         HAS_GRAD=need_grad,
+        HAS_SCALE=grad_scale is not None,
         BLOCK=block,
         num_warps=num_warps,
     )
