@@ -142,3 +142,51 @@ def test_gradient_scale_is_applied_as_written(kernel, per_row):
     _, ref_grad, _ = reference_rows(logits, target, 0.1)
     expected = ref_grad * (scale.double()[:, None] if per_row else scale.double())
     torch.testing.assert_close(grad.cpu().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def op_on_triton(kernel, monkeypatch):
+    """The public loss with its custom op dispatching to the Triton kernel (interpreted on CPU)."""
+    from lightning_assoftmax.ops import single_label
+
+    monkeypatch.setattr(
+        single_label,
+        "forward_rows_implementation",
+        lambda logits: (
+            kernel.as_softmax_forward_rows_triton
+            if logits.dtype in kernel.SUPPORTED_DTYPES
+            else single_label.as_softmax_forward_rows
+        ),
+    )
+
+
+@pytest.mark.parametrize("layout", ["rows", "tokens", "channel_second"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_loss_through_the_kernel(op_on_triton, layout, reduction, dtype):
+    """Every layout, reduction and ignore pattern of as_softmax_cross_entropy on the kernel."""
+    from lightning_assoftmax.functional import as_softmax_loss_and_stats
+
+    logits, target = make_rows(30, 17, seed=21, ignore=0.2)
+    if layout == "tokens":  # (N, L, C) viewed as (N, C, L): class dimension innermost in memory
+        logits, target = logits.reshape(3, 10, 17), target.reshape(3, 10)
+    elif layout == "channel_second":  # contiguous (N, C, L)
+        logits, target = logits.reshape(3, 10, 17).transpose(1, 2).contiguous(), target.reshape(3, 10)
+    rounded = logits.to(dtype)
+    leaf = rounded.to(DEVICE, copy=True).requires_grad_()
+    scores = leaf.transpose(1, 2) if layout == "tokens" else leaf
+    loss, masked, valid = as_softmax_loss_and_stats(
+        scores, target.to(DEVICE), 0.1, reduction=reduction
+    )
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(0)) + 0.5
+    (loss * upstream.to(DEVICE)).sum().backward()
+    ref_leaf = rounded.double().requires_grad_()
+    ref_scores = ref_leaf.transpose(1, 2) if layout == "tokens" else ref_leaf
+    expected = reference_as_softmax(ref_scores, target, 0.1, reduction=reduction)
+    (expected * upstream.double()).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.detach().cpu().double(), expected.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(leaf.grad.cpu().double(), ref_leaf.grad, rtol=tol, atol=tol)
+    rows = reference_as_softmax(ref_scores.detach(), target, 0.1, reduction="none")
+    assert masked.item() == ((rows == 0) & (target != -100)).sum().item() > 0
+    assert valid.item() == (target != -100).sum().item()

@@ -17,6 +17,7 @@ from lightning_assoftmax.functional._checks import (
     check_positive_int,
     check_reduction,
 )
+from lightning_assoftmax.ops import check_class_indices
 from lightning_assoftmax.ops.linear_single_label import linear_as_softmax_rows_loss
 
 __all__ = ["linear_as_softmax_cross_entropy", "linear_as_softmax_loss_and_stats"]
@@ -53,21 +54,8 @@ def _check_linear_inputs(
             f"{fn}: target shape {tuple(target.shape)} must equal input shape without its last "
             f"dimension, {tuple(input.shape[:-1])}."
         )
-    num_classes = weight.shape[0]
-    in_use = target[target != ignore_index] if target.device.type == "cpu" else None
-    if in_use is not None and in_use.numel():
-        low, high = int(in_use.min()), int(in_use.max())
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"{fn}: target contains class index {bad}, outside [0, {num_classes - 1}] for "
-                f"{num_classes} classes (ignore_index={ignore_index} marks positions to skip)."
-            )
-    elif target.device.type != "cpu":
-        # On an accelerator an out-of-range class trips a device-side assert, as in
-        # F.cross_entropy, without a host synchronisation.
-        in_range = (target == ignore_index) | ((target >= 0) & (target < num_classes))
-        torch._assert_async(in_range.all(), "target class index out of range")
+    if target.device.type == "cpu":
+        check_class_indices(target, weight.shape[0], ignore_index)
 
 
 def linear_as_softmax_loss_and_stats(

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["register_row_autograd"]
+__all__ = ["graph_is_kept", "register_row_autograd"]
 
 
-def _graph_is_kept() -> bool:
+def graph_is_kept() -> bool:
     """Whether the running backward pass keeps the graph (``retain_graph=True``).
 
     When it does not, the saved gradient is dead after this backward and may be scaled in place
@@ -58,7 +58,7 @@ def register_row_autograd(op: Any, loss_name: str) -> None:
         scale = grad_loss.unsqueeze(1)
         # Plain tensors only: under torch.compile the backward is traced functionally (fake and
         # functional tensor subclasses), and the compiler manages the buffers itself.
-        if type(grad) is Tensor and not _graph_is_kept():
+        if type(grad) is Tensor and not graph_is_kept():
             grad_logits = grad.mul_(scale)
         else:
             grad_logits = (grad * scale).to(grad.dtype)

@@ -4,9 +4,10 @@ For hidden states :math:`x` ``(M, d)``, class weights :math:`W` ``(V, d)`` and b
 logits :math:`z = x W^\top + b` of a large vocabulary are the biggest tensor of a training step
 (8192 tokens x 128256 classes in bfloat16 is 2 GiB, and its gradient as much again). Here they
 exist one chunk of rows at a time: each chunk's logits go through the single-label rows kernel
-(:func:`~lightning_assoftmax.ops.single_label.as_softmax_forward_rows`: loss, masked flags and
-:math:`\partial \ell / \partial z`), and the chunk's gradient is folded straight into the
-gradients of :math:`x`, :math:`W` and :math:`b`.
+(:func:`~lightning_assoftmax.ops.single_label.as_softmax_forward_rows`, or the Triton kernel on
+CUDA: loss, masked flags and :math:`\partial \ell / \partial z`, already multiplied by the
+reduction's factor), and the chunk's gradient is folded straight into the gradients of :math:`x`,
+:math:`W` and :math:`b`.
 
 * ``mean`` and ``sum``: the gradients are formed in the forward pass, already scaled by the
   reduction (as Liger-Kernel's fused linear cross entropy does); backward multiplies them by the
@@ -21,12 +22,11 @@ products; ignored rows likewise.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from lightning_assoftmax.ops.single_label import as_softmax_forward_rows
+from lightning_assoftmax.ops._autograd import graph_is_kept
+from lightning_assoftmax.ops.single_label import forward_rows_implementation
 
 __all__ = ["default_chunk_rows", "linear_as_softmax_rows_loss"]
 
@@ -41,43 +41,8 @@ def default_chunk_rows(rows: int, num_classes: int, device: torch.device) -> int
     return max(1, min(rows, budget // (4 * max(num_classes, 1))))
 
 
-@functools.cache
-def _triton_kernel():
-    """The Triton kernel module, or ``None`` where triton is not installed."""
-    try:
-        from lightning_assoftmax.ops import triton_single_label
-    except ImportError:
-        return None
-    return triton_single_label
-
-
-def _rows_loss(logits: Tensor, target: Tensor, delta: float, ignore_index: int, scale: Tensor | None):
-    """The rows kernel on one chunk, its gradient multiplied by ``scale`` (``None``: no gradient).
-
-    On CUDA the Triton kernel applies the factor as it writes the gradient (no extra pass)."""
-    kernel = _triton_kernel() if logits.is_cuda else None
-    if kernel is not None and scale is not None and logits.dtype in kernel.SUPPORTED_DTYPES:
-        return kernel.as_softmax_forward_rows_triton(
-            logits, target, delta, ignore_index, True, grad_scale=scale.to(torch.float32)
-        )
-    loss, grad, masked = as_softmax_forward_rows(logits, target, delta, ignore_index, scale is not None)
-    if scale is not None:
-        grad.mul_((scale if scale.dim() == 0 else scale[:, None]).to(grad.dtype))
-    return loss, grad, masked
-
-
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _graph_is_kept() -> bool:
-    """Whether the running backward keeps the graph (``retain_graph=True``); True outside one.
-
-    When it does not, the saved gradients are dead after this backward and may be scaled in
-    place instead of copied (a ``(V, d)`` copy is as large as the weight).
-    """
-    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if getter is None else bool(getter())
 
 
 def _chunks(
@@ -112,7 +77,9 @@ def _chunks(
         scale = None
         if need_grad:
             scale = row_scale if row_scale.dim() == 0 else row_scale[start:stop]
-        chunk_loss, grad, chunk_masked = _rows_loss(logits, target[start:stop], delta, ignore_index, scale)
+        chunk_loss, grad, chunk_masked = forward_rows_implementation(logits)(
+            logits, target[start:stop], delta, ignore_index, need_grad, grad_scale=scale
+        )
         del logits
         loss[start:stop] = chunk_loss
         masked[start:stop] = chunk_masked
@@ -160,7 +127,7 @@ class _LinearASSoftmax(torch.autograd.Function):
                 grad_out.to(_loss_dtype(x.dtype)), needs,
             )
         else:
-            in_place = not _graph_is_kept()
+            in_place = not graph_is_kept()
             grads = []
             for g in ctx.saved_tensors:
                 if g is not None:

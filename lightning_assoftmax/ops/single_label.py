@@ -102,7 +102,12 @@ def check_class_indices(target: Tensor, num_classes: int, ignore_index: int) -> 
 
 
 def as_softmax_forward_rows(
-    logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad: bool
+    logits: Tensor,
+    target: Tensor,
+    delta: float,
+    ignore_index: int,
+    need_grad: bool,
+    grad_scale: Tensor | None = None,
 ) -> RowsResult:
     """Per-row AS-Softmax loss, its gradient and the masked flag, in plain torch.
 
@@ -112,6 +117,8 @@ def as_softmax_forward_rows(
         delta: margin in ``[0, 1]``.
         ignore_index: target value whose rows get loss 0 and gradient 0.
         need_grad: also compute the gradient (else an empty tensor is returned in its place).
+        grad_scale: a 0-dim or ``(M,)`` factor applied to each row's gradient as it is formed
+            (the fused linear loss passes its reduction's and upstream gradient's factor).
 
     Returns:
         ``loss`` ``(M,)`` in float32 (float64 for float64 logits); ``grad`` ``(M, C)`` in the
@@ -152,8 +159,13 @@ def as_softmax_forward_rows(
     # d loss / dz = kept p / K - onehot(t). A row with loss exactly 0 (masked or ignored) gets
     # gradient exactly 0, not round-off.
     nonzero = (loss != 0).unsqueeze(1)
-    grad = kept.mul_(torch.where(nonzero, kept_mass.reciprocal_(), 0.0))
-    grad.scatter_add_(1, safe_target, nonzero.to(cdtype).neg_())
+    inv_mass = torch.where(nonzero, kept_mass.reciprocal_(), 0.0)
+    one_hot = nonzero.to(cdtype)
+    if grad_scale is not None:
+        factor = (grad_scale if grad_scale.dim() == 0 else grad_scale.unsqueeze(1)).to(cdtype)
+        inv_mass, one_hot = inv_mass * factor, one_hot * factor
+    grad = kept.mul_(inv_mass)
+    grad.scatter_add_(1, safe_target, one_hot.neg_())
     return loss, grad.to(logits.dtype).contiguous(), masked
 
 

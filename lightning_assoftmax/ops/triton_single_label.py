@@ -170,6 +170,10 @@ def as_softmax_forward_rows_triton(
         grad = torch.empty(0, dtype=logits.dtype, device=logits.device)
     if rows == 0:
         return loss, grad.reshape(0, num_classes) if need_grad else grad, masked.bool()
+    if logits.is_cuda:
+        # As F.cross_entropy on CUDA: a device-side assert, no host synchronisation.
+        in_range = (target == ignore_index) | ((target >= 0) & (target < num_classes))
+        torch._assert_async(in_range.all(), "target class index out of range")
     block, num_warps = _launch_config(num_classes, logits.dtype)
     _as_softmax_rows_kernel[(rows,)](
         logits,
