@@ -109,3 +109,27 @@ def test_a_training_step_never_synchronises_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item() and 0 <= ratio.item() <= 1
+
+
+def test_compiled_training_step_equals_eager_on_cuda():
+    """The custom op (Triton inside) under torch.compile(fullgraph=True), against eager."""
+    from lightning_assoftmax.functional import as_softmax_cross_entropy
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Linear(32, 500).cuda()
+
+    x = torch.randn(128, 32, device="cuda")
+    target = torch.randint(0, 500, (128,), device="cuda")
+    target[:5] = -100
+
+    def step(model, x, target):
+        loss = as_softmax_cross_entropy(model(x) * 4.0, target, 0.1)
+        loss.backward()
+        return loss
+
+    eager_model, compiled_model = make(), make()
+    eager = step(eager_model, x, target)
+    compiled = torch.compile(step, fullgraph=True)(compiled_model, x, target)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_model.weight.grad, eager_model.weight.grad, rtol=1e-5, atol=1e-6)
