@@ -179,6 +179,18 @@ def multi_label_batch(n: int, c: int, dtype, device, generator: torch.Generator)
 # --------------------------------------------------------------------------- loss tables
 
 
+def torch_implementation(fn, *args):
+    """``fn(*args)`` with the single-label op on its plain torch code (no Triton kernel)."""
+    from lightning_assoftmax.ops import single_label
+
+    choose = single_label.forward_rows_implementation
+    single_label.forward_rows_implementation = lambda logits: single_label.as_softmax_forward_rows
+    try:
+        return fn(*args)
+    finally:
+        single_label.forward_rows_implementation = choose
+
+
 def compare(
     clock: Clock,
     name: str,
@@ -230,6 +242,17 @@ def loss_tables(args, clock: Clock, shapes, dtypes) -> tuple[list[dict], list[di
                 compare(clock, "as_softmax_cross_entropy", f"{n} x {c}", dtype, "cross_entropy",
                         candidates, logits, repeats, masked)
             )
+            if args.device == "cuda":  # the plain torch implementation on the same device
+                torch_ops = {
+                    "cross_entropy": candidates["cross_entropy"],
+                    "as_softmax_cross_entropy (torch ops)": lambda z, t=target: torch_implementation(
+                        as_softmax_cross_entropy, z, t, args.delta
+                    ),
+                }
+                single.append(
+                    compare(clock, "as_softmax_cross_entropy (torch ops)", f"{n} x {c}", dtype,
+                            "cross_entropy", torch_ops, logits, repeats, masked)
+                )
             del logits, target
             logits, target = multi_label_batch(n, c, dtype, args.device, generator)
             masked = float(multilabel_masked_sample_ratio(logits, target, args.delta))
