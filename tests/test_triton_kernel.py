@@ -126,6 +126,8 @@ def test_hostile_rows(kernel):
 
 
 def test_out_of_range_class_reads_nothing_and_gives_nan(kernel):
+    if DEVICE == "cuda":
+        pytest.skip("on CUDA the launcher's device-side assert fires first (and ends the context)")
     logits, _ = make_rows(3, 4, seed=1)
     target = torch.tensor([1, 4, -3])
     loss, _, masked = kernel.as_softmax_forward_rows_triton(logits.to(DEVICE), target.to(DEVICE), 0.1, -100, True)
