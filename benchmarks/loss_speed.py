@@ -374,7 +374,7 @@ def model_table(args, clock: Clock) -> list[dict]:
         repeats = 2 if args.quick else 15
         times = time_interleaved(clock, runs, repeats)
 
-        def share(name: str) -> float:
+        def share(name: str, times=times) -> float:
             return statistics.median(
                 (a - b) / a for a, b in zip(times[name], times["trivial"], strict=True)
             )

@@ -19,12 +19,11 @@ the custom op ``lightning_assoftmax::multilabel_as_softmax_rows`` wraps it for e
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from lightning_assoftmax.ops._autograd import register_row_autograd
+from lightning_assoftmax.ops._layout import class_major, empty_grad, grad_layout
 from lightning_assoftmax.ops.single_label import compute_dtype
 
 __all__ = [
@@ -74,23 +73,31 @@ def check_binary_labels(target: Tensor) -> None:
         )
 
 
-def _kept(p: Tensor, pos: Tensor, neg: Tensor, delta: float) -> Tensor:
-    """The multi-label decision on probabilities ``p`` ``(M, C)``: 1.0 for kept terms, else 0.0.
+def _cutoffs(p: Tensor, pos: Tensor, neg: Tensor, delta: float, scratch: Tensor):
+    """The multi-label cut-offs ``(low, high, max_neg, min_pos)``, each ``(M, 1)``: a negative is
+    kept iff ``p >= low``, a positive iff ``p <= high`` (SPEC: ``min_P p - p_i <= delta`` and
+    ``p_j - max_Q p <= delta``; a row without positives keeps every negative, one without
+    negatives every positive).
 
-    ``pos`` and ``neg`` are the 0/1 float indicators of the positives and negatives (floats keep
-    the arithmetic vectorised; boolean selects cost several times more on CPU). A negative is
-    kept iff ``p >= min_P p - delta`` and a positive iff ``p <= max_Q p + delta``; a row without
-    positives keeps every negative, one without negatives every positive. NaN rows keep every
-    term, so their NaN surfaces.
+    ``pos``/``neg`` are 0/1 float indicators; ``scratch`` is an ``(M, C)`` buffer to overwrite.
+    Shifted copies of ``p`` keep each reduction exact on its own group: negatives read as
+    ``p + 2 > 1`` for the minimum over positives, positives as ``p - 2 < 0`` for the maximum over
+    negatives (a minimum above 1 means no positives, a maximum below 0 no negatives).
     """
-    num_pos = pos.sum(1, keepdim=True)
-    min_pos = torch.add(p, neg, alpha=2.0).amin(1, keepdim=True)  # negatives read as p + 2 > 1
-    max_neg = (p * neg).amax(1, keepdim=True)  # positives read as 0 <= p
-    low = torch.where(num_pos > 0, min_pos - delta, -1.0)
-    high = torch.where(num_pos < p.shape[1], max_neg + delta, 2.0)
-    dropped = torch.lt(p, low, out=torch.empty_like(p)).mul_(neg)
-    dropped.addcmul_(torch.gt(p, high, out=torch.empty_like(p)), pos)
-    return dropped.neg_().add_(1.0)
+    min_pos = torch.add(p, neg, alpha=2.0, out=scratch).amin(1, keepdim=True)
+    max_neg = torch.add(p, pos, alpha=-2.0, out=scratch).amax(1, keepdim=True)
+    low = torch.where(min_pos > 1.0, -1.0, min_pos - delta)
+    high = torch.where(max_neg < 0.0, 2.0, max_neg + delta)
+    return low, high, max_neg, min_pos
+
+
+def _dropped(
+    p: Tensor, pos: Tensor, neg: Tensor, low: Tensor, high: Tensor, out: Tensor, scratch: Tensor
+) -> Tensor:
+    """1.0 for the dropped terms, else 0.0, written to ``out`` (NaN entries are kept);
+    ``scratch`` is an ``(M, C)`` buffer to overwrite."""
+    dropped = torch.lt(p, low, out=out).mul_(neg)
+    return dropped.addcmul_(torch.gt(p, high, out=scratch), pos)
 
 
 def multilabel_as_softmax_keep(scores: Tensor, positive: Tensor, delta: float) -> Tensor:
@@ -98,7 +105,16 @@ def multilabel_as_softmax_keep(scores: Tensor, positive: Tensor, delta: float) -
     with torch.no_grad():
         p = torch.softmax(scores, dim=1, dtype=compute_dtype(scores.dtype))
         pos = positive.to(p.dtype)
-        return _kept(p, pos, 1.0 - pos, delta) != 0
+        neg = 1.0 - pos
+        low, high, _, _ = _cutoffs(p, pos, neg, delta, torch.empty_like(p))
+        return _dropped(p, pos, neg, low, high, torch.empty_like(p), torch.empty_like(p)) == 0
+
+
+#: Subtracted from the terms of the other group for a per-group maximum: exact for scores
+#: below 1e37 in magnitude, far beyond any trained model's.
+_FAR = 1e37
+#: Lowest exponent passed to exp (see multilabel_as_softmax_forward_rows).
+_EXP_FLOOR = -80.0
 
 
 def multilabel_as_softmax_forward_rows(
@@ -117,31 +133,43 @@ def multilabel_as_softmax_forward_rows(
         logits' dtype; ``masked`` ``(M,)`` bool, the rows whose loss is exactly 0 (never a NaN
         row).
     """
+    # 0/1 float indicators and a few reused (M, C) buffers: on CPU, masked selects and fresh
+    # allocations (page faults) cost more than the arithmetic.
     cdtype = compute_dtype(logits.dtype)
     s = logits.to(cdtype)
-    positive = target != 0
-    pos = positive.to(cdtype)
-    neg = 1.0 - pos
-    p = torch.softmax(s, 1)
-    kept = _kept(p, pos, neg, delta)
-    # The exponent of each term: s on negatives, -s on positives (a product with the sign, not a
-    # sum with a masked term, so that an infinite score stays out of the other group).
-    x = s * (neg - pos)
+    few_classes = class_major(logits)
+    if few_classes:
+        # Class by class in memory (see class_major); the buffers below inherit the layout.
+        s = s.t().contiguous().t()
+    pos = torch.ne(target, 0, out=torch.empty_like(s))
+    neg = torch.eq(target, 0, out=torch.empty_like(s))
+    p = torch.softmax(s.t(), 0).t() if few_classes else torch.softmax(s, 1)
+    scratch = torch.empty_like(s)
+    low, high, max_neg, min_pos = _cutoffs(p, pos, neg, delta, scratch)
+    x = torch.empty_like(s)
+    dropped = _dropped(p, pos, neg, low, high, out=scratch, scratch=x)
+    scratch = p  # p is not needed any more
+    # The exponent of each term: s on negatives, -s on positives.
+    x = torch.sub(neg, pos, out=x).mul_(s)
     # Each group's log(1 + sum e^x) is shifted by its largest kept exponent, at least 0 (the 1).
-    # p grows with s, so when a group keeps any term it keeps its largest exponent: the group's
-    # maximum (taken over the group, since p may tie at 0 where s does not). A group that keeps
-    # nothing is shifted by 0, so an all-dropped row gives log(1) = 0 exactly.
-    num_kept_neg = (kept * neg).sum(1, keepdim=True)
-    num_kept_pos = (kept * pos).sum(1, keepdim=True)
-    top_neg = torch.where(positive, -math.inf, x).amax(1, keepdim=True)
-    top_pos = torch.where(positive, x, -math.inf).amax(1, keepdim=True)
-    shift_neg = torch.where(num_kept_neg > 0, top_neg, 0.0).clamp(min=0.0)
-    shift_pos = torch.where(num_kept_pos > 0, top_pos, 0.0).clamp(min=0.0)
-    # Dropped terms are clamped before exp so that none overflows on its way to 0.
-    shift = torch.addcmul(shift_neg * neg, shift_pos, pos)
-    e = x.sub_(shift).clamp_(max=0.0).exp_().mul_(kept)
-    denom_neg = torch.exp(-shift_neg) + (e * neg).sum(1, keepdim=True)
-    denom_pos = torch.exp(-shift_pos) + (e * pos).sum(1, keepdim=True)
+    # p grows with s, so a group that keeps any term keeps its largest exponent (the maximum
+    # over the group, taken on x since p may tie at 0 where s does not), and it keeps some term
+    # iff its extreme p is kept. A group that keeps nothing is shifted by 0, so an all-dropped
+    # row gives 0 + log(1) = 0 exactly.
+    top_neg = torch.add(x, pos, alpha=-_FAR, out=scratch).amax(1, keepdim=True)
+    top_pos = torch.add(x, neg, alpha=-_FAR, out=scratch).amax(1, keepdim=True)
+    # (Written as "not dropped" so that a NaN row keeps its maxima and its NaN or inf surfaces.)
+    shift_neg = torch.where(max_neg < low, 0.0, top_neg).clamp_(min=0.0)
+    shift_pos = torch.where(min_pos > high, 0.0, top_pos).clamp_(min=0.0)
+    x.addcmul_(neg, shift_neg, value=-1.0).addcmul_(pos, shift_pos, value=-1.0)
+    # Kept exponents are <= 0 after the shift and each sum holds a term of at least 1, so those
+    # below -80 add less than 1e-34 each (under float64 rounding): clamping them keeps exp off
+    # its slow path for subnormal results. The upper clamp keeps dropped terms from overflowing
+    # before the mask zeroes them.
+    kept = dropped.neg_().add_(1.0)
+    e = x.clamp_(min=_EXP_FLOOR, max=0.0).exp_().mul_(kept)
+    denom_neg = torch.exp(-shift_neg) + torch.mul(e, neg, out=scratch).sum(1, keepdim=True)
+    denom_pos = torch.exp(-shift_pos) + torch.mul(e, pos, out=scratch).sum(1, keepdim=True)
     loss = torch.add(
         (shift_neg + denom_neg.log()).squeeze(1), (shift_pos + denom_pos.log()).squeeze(1)
     )
@@ -153,8 +181,8 @@ def multilabel_as_softmax_forward_rows(
     nonzero = (~masked).unsqueeze(1)
     inv_neg = torch.where(nonzero, denom_neg.reciprocal(), 0.0)
     inv_pos = torch.where(nonzero, denom_pos.reciprocal(), 0.0)
-    grad = e.mul_(torch.addcmul(inv_neg * neg, inv_pos, pos, value=-1.0))
-    return loss, grad.to(logits.dtype).contiguous(), masked
+    factor = torch.mul(neg, inv_neg, out=scratch).addcmul_(pos, inv_pos, value=-1.0)
+    return loss, grad_layout(e.mul_(factor).to(logits.dtype), logits), masked
 
 
 @torch.library.custom_op("lightning_assoftmax::multilabel_as_softmax_rows", mutates_args=())
@@ -175,8 +203,7 @@ def multilabel_as_softmax_rows(
 def _(logits: Tensor, target: Tensor, delta: float, need_grad: bool):
     rows = logits.shape[0]
     loss = logits.new_empty(rows, dtype=compute_dtype(logits.dtype))
-    grad = logits.new_empty(logits.shape if need_grad else (0,))
-    return loss, grad, logits.new_empty(rows, dtype=torch.bool)
+    return loss, empty_grad(logits, need_grad), logits.new_empty(rows, dtype=torch.bool)
 
 
 register_row_autograd(multilabel_as_softmax_rows, "multilabel_as_softmax_loss")

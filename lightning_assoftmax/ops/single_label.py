@@ -22,13 +22,13 @@ imports. Nothing here synchronises a device with the host: every per-row choice 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from lightning_assoftmax.ops._autograd import register_row_autograd
+from lightning_assoftmax.ops._layout import class_major, empty_grad, grad_layout
 
 __all__ = [
     "TargetOutOfRange",
@@ -61,10 +61,6 @@ def underflow_limit(cdtype: torch.dtype) -> float:
     """Below ``tiny ** 0.8`` a probability has lost digits to underflow; what depends on it is
     taken from the log-probabilities instead."""
     return torch.finfo(cdtype).tiny ** 0.8
-
-
-#: Float32 lanes of an AVX-512 vector: below this many classes the CPU softmax is row-by-row.
-_CPU_VECTOR_CLASSES = 16
 
 
 class TargetOutOfRange(ValueError):
@@ -130,9 +126,8 @@ def as_softmax_forward_rows(
     valid_rows = target != ignore_index
     safe_target = torch.where(valid_rows, target, 0).unsqueeze(1).long()
     # log_softmax, then exp in place: log p_t stays exact where p_t underflows.
-    if logits.device.type == "cpu" and logits.shape[1] < _CPU_VECTOR_CLASSES:
-        # torch's CPU softmax over fewer classes than one vector holds runs a scalar loop per
-        # row; over the rows of the transposed logits it is vectorised (4x faster at 5 classes).
+    if class_major(logits):
+        # Class by class in memory (see class_major); the buffers below inherit the layout.
         log_p = torch.log_softmax(logits.t(), 0, dtype=cdtype).t()
     else:
         log_p = torch.log_softmax(logits, 1, dtype=cdtype)
@@ -166,7 +161,7 @@ def as_softmax_forward_rows(
         inv_mass, one_hot = inv_mass * factor, one_hot * factor
     grad = kept.mul_(inv_mass)
     grad.scatter_add_(1, safe_target, one_hot.neg_())
-    return loss, grad.to(logits.dtype).contiguous(), masked
+    return loss, grad_layout(grad.to(logits.dtype), logits), masked
 
 
 @functools.cache
@@ -213,8 +208,7 @@ def _(logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad
     cdtype = compute_dtype(logits.dtype)
     rows = logits.shape[0]
     loss = logits.new_empty(rows, dtype=cdtype)
-    grad = logits.new_empty(logits.shape if need_grad else (0,))
-    return loss, grad, logits.new_empty(rows, dtype=torch.bool)
+    return loss, empty_grad(logits, need_grad), logits.new_empty(rows, dtype=torch.bool)
 
 
 register_row_autograd(as_softmax_rows, "as_softmax_cross_entropy")
