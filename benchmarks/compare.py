@@ -180,7 +180,7 @@ def run_once(name: str, seed: int, data: BBCNews, args: argparse.Namespace) -> d
     correlation = LossAccuracyCorrelation(save_figure=False)
     callbacks: list[L.Callback] = [recorder, correlation]
     if spec["adaptive"]:
-        callbacks.append(AdaptiveGradAccumulation(lam=1.0, max_steps=2))
+        callbacks.append(AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=2))
     trainer = L.Trainer(
         max_epochs=args.epochs,
         val_check_interval=1.0 / args.val_per_epoch,

@@ -55,9 +55,9 @@ CONSTRUCTOR_TABLE = [
     (AdaptiveGradAccumulation, {"lam": -1}, ValueError, r"got -1", r"lam=1"),
     (AdaptiveGradAccumulation, {"lam": INF}, ValueError, r"got inf", r"positive finite number"),
     (AdaptiveGradAccumulation, {"lam": "1"}, TypeError, r"got '1'", r"a positive number"),
-    (AdaptiveGradAccumulation, {"max_steps": 0}, ValueError, r"got 0", r"max_steps=1 to never accumulate"),
-    (AdaptiveGradAccumulation, {"max_steps": 2.0}, TypeError, r"got 2\.0", r"an integer >= 1"),
-    (AdaptiveGradAccumulation, {"max_steps": True}, TypeError, r"got True", r"an integer >= 1"),
+    (AdaptiveGradAccumulation, {"max_accumulate_grad_batches": 0}, ValueError, r"got 0", r"max_accumulate_grad_batches=1 to never accumulate"),
+    (AdaptiveGradAccumulation, {"max_accumulate_grad_batches": 2.0}, TypeError, r"got 2\.0", r"an integer >= 1"),
+    (AdaptiveGradAccumulation, {"max_accumulate_grad_batches": True}, TypeError, r"got True", r"an integer >= 1"),
     # DeltaWarmup
     (DeltaWarmup, {"warmup_fraction": -0.1}, ValueError, r"got -0\.1", r"use 0 for no warm-up"),
     (DeltaWarmup, {"warmup_fraction": 1.5}, ValueError, r"got 1\.5", r"use 0 for no warm-up"),
