@@ -229,3 +229,23 @@ def test_only_the_loss_call_with_log_true_is_logged_and_counted():
     with torch.no_grad():
         rows = reference_as_softmax(model.main(last_x), last_y, 0.1, reduction="none")
     assert (int(masked), int(valid)) == (int((rows == 0).sum()), 16)
+
+
+class TwoLoggedHeads(TwoHeads):
+    def _loss(self, batch):
+        x, y = batch
+        return self.as_softmax_loss(self.main(x), y) + self.as_softmax_loss(self.aux(x), y)
+
+
+def test_a_second_logging_call_in_a_step_warns_once_and_both_are_counted():
+    data = blobs(48, seed=2)
+    model = TwoLoggedHeads()
+    t = trainer(max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"more than once in one train step.*log=False") as records:
+        t.fit(model, loader(data))
+    assert sum("more than once" in str(r.message) for r in records) == 1
+    x, y = data.tensors[0][32:], data.tensors[1][32:]
+    with torch.no_grad():
+        zero = sum(int((reference_as_softmax(head(x), y, 0.1, reduction="none") == 0).sum()) for head in (model.main, model.aux))
+    masked, valid = model.as_softmax_last_stats
+    assert (int(masked), int(valid)) == (zero, 32)
