@@ -259,7 +259,8 @@ class AdaptiveGradAccumulation(Callback):
             # Lightning re-sends an on_step value at every logging step until the epoch ends, so
             # logging k when it changes (and once per epoch) saves a `self.log` call per step,
             # about 0.3 ms on a CPU.
-            pl_module.log("train/accumulate_grad_batches", float(self._k), on_step=True, on_epoch=False, batch_size=1)
+            # A CPU tensor, not a float that Lightning would copy to the device (a synchronisation).
+            pl_module.log("train/accumulate_grad_batches", torch.tensor(float(self._k)), on_step=True, on_epoch=False, batch_size=1)
             self._logged_k = self._k
         counts = self._window_counts
         if counts is None:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_assoftmax.callbacks._checks import require_mixin
@@ -78,7 +79,9 @@ class DeltaWarmup(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         delta = self.delta_at(trainer.global_step, pl_module.as_softmax_target_delta)
         pl_module.as_softmax_delta = delta
-        pl_module.log("train/delta", delta, on_step=True, on_epoch=False, batch_size=1)
+        # A CPU tensor: Lightning turns a Python float into a tensor on the module's device, a
+        # host-to-device copy that waits for the GPU at every batch.
+        pl_module.log("train/delta", torch.tensor(delta), on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         pl_module.as_softmax_delta = pl_module.as_softmax_target_delta
