@@ -56,8 +56,8 @@ class ASSoftmaxMixin:
     :class:`~lightning_assoftmax.MaskedSampleRatio` fed with the loss call's own counts, accuracy
     in torchmetrics' ``MulticlassAccuracy`` / ``MultilabelAccuracy`` with ``average="micro"``).
     With several validation or test dataloaders each dataloader has its own metrics, logged under
-    Lightning's ``/dataloader_idx_<n>`` suffix (``val/acc/dataloader_idx_1``). Nothing in this
-    per-batch path reads a tensor value on the host.
+    Lightning's ``/dataloader_idx_<n>`` suffix (``val/acc/dataloader_idx_1``). The logging around
+    the loss reads no tensor value on the host (no per-batch synchronisation on a GPU).
 
     Call it once per batch with ``log=True`` (the default); further calls in the same step (a
     second head, an auxiliary loss) take ``log=False``, or their batch is counted again.

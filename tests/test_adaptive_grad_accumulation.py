@@ -395,6 +395,20 @@ def test_a_module_without_the_mixin_that_returns_the_counts(tmp_path, source):
     assert callback.summary()["optimizer_steps"] == len(model.step_log) < len(recorder.batches)
 
 
+def test_training_step_counts_reads_the_output_first_then_the_mixin():
+    from lightning_assoftmax.callbacks.step_outputs import training_step_counts
+
+    plain, mixin = PlainModule(), TinyClassifier()
+    counts = {"loss": torch.tensor(0.5), "masked_count": torch.tensor(3), "valid_count": torch.tensor(8)}
+    assert training_step_counts(plain, counts) == (counts["masked_count"], counts["valid_count"])
+    assert training_step_counts(plain, {"loss": torch.tensor(0.5)}) is None
+    mixin.as_softmax_last_stats = (torch.tensor(1), torch.tensor(4))
+    assert training_step_counts(mixin, {"loss": torch.tensor(0.5)}) is mixin.as_softmax_last_stats
+    assert training_step_counts(mixin, counts)[1] is counts["valid_count"]
+    with pytest.raises(TypeError, match=r"masked_count=tensor\(3\.\).*0-dim integer tensor.*loss_and_stats"):
+        training_step_counts(plain, {**counts, "masked_count": torch.tensor(3.0)})
+
+
 # -- reuse across fits -------------------------------------------------------------------------------
 def test_a_reused_instance_starts_each_fresh_fit_at_one_with_zero_counters(tmp_path):
     callback = AdaptiveGradAccumulation(max_accumulate_grad_batches=2)

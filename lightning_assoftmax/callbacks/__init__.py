@@ -1,8 +1,7 @@
 """Lightning callbacks of the bundle (one per file, named for what it does)."""
 
-from lightning_assoftmax.callbacks._step_outputs import training_step_counts
 from lightning_assoftmax.callbacks.adaptive_grad_accumulation import AdaptiveGradAccumulation
 from lightning_assoftmax.callbacks.delta_warmup import DeltaWarmup
 from lightning_assoftmax.callbacks.loss_accuracy_correlation import LossAccuracyCorrelation
 
-__all__ = ["AdaptiveGradAccumulation", "DeltaWarmup", "LossAccuracyCorrelation", "training_step_counts"]
+__all__ = ["AdaptiveGradAccumulation", "DeltaWarmup", "LossAccuracyCorrelation"]

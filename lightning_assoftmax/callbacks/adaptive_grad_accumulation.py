@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, 
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_assoftmax.callbacks._step_outputs import training_step_counts
+from lightning_assoftmax.callbacks.step_outputs import training_step_counts
 from lightning_assoftmax.functional import next_accumulation_steps
 
 __all__ = ["AdaptiveGradAccumulation"]
@@ -206,8 +206,6 @@ class AdaptiveGradAccumulation(Callback):
                 "GradientAccumulationScheduler and AdaptiveGradAccumulation both set "
                 "trainer.accumulate_grad_batches; keep only one of them in Trainer(callbacks=...)."
             )
-        self._set_value = None
-        self._logged_k = None
 
     # -- the loop ---------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
