@@ -100,7 +100,7 @@ def test_trainer_step_is_the_mean_over_the_accumulated_labels_and_logs_the_maske
     rows = reference_as_softmax(logits.detach(), y, 0.1, reduction="none")
     (entry,) = [e for e in trainer.state.log_history if "loss" in e]
     assert entry["masked_ratio"] == pytest.approx(float(((rows == 0) & (y != -100)).sum()) / 5)
-    assert entry["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert entry["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
 
     metrics = trainer.evaluate()
     with torch.no_grad():
