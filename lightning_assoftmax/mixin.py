@@ -13,7 +13,12 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
-from lightning_assoftmax.family import build_loss, check_loss_name, loss_kwarg_names
+from lightning_assoftmax.family import (
+    build_loss,
+    check_loss_name,
+    count_class_labels,
+    loss_kwarg_names,
+)
 from lightning_assoftmax.functional import (
     multilabel_as_softmax_loss,
     multilabel_as_softmax_loss_and_stats,
@@ -26,6 +31,24 @@ __all__ = ["ASSoftmaxMixin"]
 
 # Multi-label targets only have the AS-Softmax loss and its delta=1 base loss.
 MULTILABEL_LOSSES = ("as_softmax", "softmax")
+
+
+def _label_of(item: Any) -> Any:
+    """The label of one dataset item: ``item["labels"]`` (or ``"label"``), else its last element."""
+    if isinstance(item, Mapping):
+        for key in ("labels", "label"):
+            if key in item:
+                return item[key]
+        raise ValueError(
+            f"cannot find the label of a training item with keys {sorted(item)}; give the datamodule "
+            "a `class_counts` attribute for weighted_softmax(weight='balanced')."
+        )
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[-1]
+    raise ValueError(
+        f"cannot find the label of a training item of type {type(item).__name__}; give the datamodule "
+        "a `class_counts` attribute for weighted_softmax(weight='balanced')."
+    )
 
 
 def _stage_keys(stage: str, masked_ratio: bool) -> tuple[str, ...]:
@@ -66,23 +89,32 @@ class ASSoftmaxMixin:
     AS-Softmax with ``loss="sparsemax"`` (and its keywords in ``loss_kwargs``); the method keeps
     its name and logs the same keys, except that ``<stage>/masked_ratio`` (share of samples whose
     loss is exactly zero) is logged only for losses that can zero a sample out (``as_softmax``,
-    ``sparsemax``, ``entmax15``, ``sparse_softmax`` with ``k=1``). ``<stage>/ce_loss`` is the plain
-    cross entropy of the loss's ``predictive_logits`` (the raw logits, ``logits / temperature`` for
-    ``t_softmax``, ``scale * cosines`` for ``am_softmax``). For ``am_softmax`` give the model the
-    cosine head ``classifier_head(in_features, num_classes, loss="am_softmax")``.
+    ``sparsemax``, ``entmax15``, ``sparse_softmax`` with ``k=1``, and the large-margin losses when
+    ``loss_kwargs`` sets their ``delta``). ``<stage>/ce_loss`` is the plain cross entropy of the
+    loss's ``predictive_logits``, the model's margin-free distribution (the raw logits,
+    ``logits / temperature`` for ``t_softmax``, ``scale * cosines`` for the cosine-margin losses,
+    ``alpha * logits`` for ``l2_softmax``). Give the model the output layer its loss needs:
+    ``classifier_head(in_features, num_classes, loss=name)``.
+
+    ``weighted_softmax`` with ``weight="balanced"`` counts the training labels the first time the
+    loss is computed in a ``Trainer``: from the datamodule's ``class_counts`` attribute (one count
+    per class) when it has one, else in one pass over the training dataset (items that are dicts
+    with ``"labels"`` or ``"label"``, or ``(inputs, ..., label)`` tuples).
 
     Args:
         delta: the AS-Softmax margin in ``[0, 1]`` (paper: 0.1; 1 is plain cross entropy); used
-            by ``loss="as_softmax"`` only.
+            by ``loss="as_softmax"`` only (a large-margin loss takes its own ``delta`` in
+            ``loss_kwargs``).
         multilabel: targets are 0/1 tensors shaped like the logits (multi-label AS-Softmax); the
             logged ``acc`` is then label-wise accuracy at the score threshold 0 and ``ce_loss``
             the unmasked multi-label base loss. Only ``as_softmax`` and ``softmax`` (its
             ``delta=1`` base loss) exist for multi-label targets.
         ignore_index: target value to skip (single-label only).
         loss: name of the loss, one of :data:`lightning_assoftmax.family.LOSS_NAMES`.
-        loss_kwargs: keywords of that loss (e.g. ``{"k": 3}`` for ``sparse_softmax``); not
-            ``ignore_index`` or ``reduction`` (the mixin sets them), nor ``delta`` (an argument
-            of its own).
+        loss_kwargs: keywords of that loss (e.g. ``{"k": 3}`` for ``sparse_softmax``,
+            ``{"margin": 0.5, "delta": 0.1}`` for ``arcface`` composed with AS-Softmax); not
+            ``ignore_index`` or ``reduction`` (the mixin sets them), nor, for ``as_softmax``,
+            ``delta`` (an argument of the mixin's own).
 
     Attributes:
         as_softmax_delta: the delta used for the *training* loss; ``DeltaWarmup`` moves it.
@@ -172,6 +204,8 @@ class ASSoftmaxMixin:
         else:
             if self.as_softmax_loss_name == "as_softmax":
                 criterion.delta = delta  # DeltaWarmup moves the training delta between batches
+            if getattr(criterion, "needs_class_counts", False) and stage is not None:
+                criterion.set_class_counts(self._as_softmax_training_class_counts(logits))
             loss, masked, count = criterion.loss_and_stats(logits, target)
         if log and stage is not None:
             self._as_softmax_log(stage, loss, masked, count, logits, target)
@@ -186,7 +220,10 @@ class ASSoftmaxMixin:
                 f"loss_kwargs must be a mapping of keyword arguments for loss {loss!r} (e.g. "
                 f"{{'k': 3}}) or None, got {loss_kwargs!r}."
             )
-        own = [key for key in loss_kwargs if key in ("ignore_index", "reduction", "delta")]
+        # A large-margin loss's delta (AS-Softmax on its margin logits) is one of its keywords;
+        # as_softmax's own delta is the mixin's, which DeltaWarmup moves.
+        mixin_owned = ("ignore_index", "reduction", "delta") if loss == "as_softmax" else ("ignore_index", "reduction")
+        own = [key for key in loss_kwargs if key in mixin_owned]
         if own:
             raise ValueError(
                 f"loss_kwargs must not set {', '.join(own)}: pass ignore_index and delta to the "
@@ -209,7 +246,7 @@ class ASSoftmaxMixin:
         own_kwargs: dict[str, Any] = {"ignore_index": self.as_softmax_ignore_index}
         if loss == "as_softmax":
             own_kwargs["delta"] = self.as_softmax_target_delta
-        accepted = [k for k in loss_kwarg_names(loss) if k not in ("ignore_index", "reduction", "delta")]
+        accepted = [k for k in loss_kwarg_names(loss) if k not in mixin_owned]
         unexpected = sorted(set(loss_kwargs) - set(accepted))
         if unexpected:
             raise TypeError(
@@ -217,6 +254,31 @@ class ASSoftmaxMixin:
                 f"{loss!r} accepts: {', '.join(accepted) if accepted else 'no keywords'}."
             )
         return build_loss(loss, **own_kwargs, **loss_kwargs)
+
+    def _as_softmax_training_class_counts(self, logits: Tensor) -> Tensor:
+        """Per-class counts of the training labels, for ``weighted_softmax(weight="balanced")``:
+        the datamodule's ``class_counts`` if it has one, else one pass over the training dataset."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        counts = getattr(datamodule, "class_counts", None)
+        if counts is not None:
+            return torch.as_tensor(counts)
+        if datamodule is not None and callable(getattr(datamodule, "train_dataloader", None)):
+            loader = datamodule.train_dataloader()
+        else:
+            loader = getattr(trainer, "train_dataloader", None)
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            raise ValueError(
+                "weighted_softmax(weight='balanced') needs the training split's class counts, but "
+                "no training dataset is reachable from the Trainer here. Give the datamodule a "
+                "`class_counts` attribute (one count per class), or pass loss_kwargs={'class_counts': "
+                "[...]} or explicit weights (loss_kwargs={'weight': [...]})."
+            )
+        num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+        return count_class_labels(
+            (_label_of(item) for item in dataset), num_classes, self.as_softmax_ignore_index
+        )
 
     def _as_softmax_stage(self) -> str | None:
         trainer = getattr(self, "_trainer", None)
