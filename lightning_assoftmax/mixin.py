@@ -360,7 +360,11 @@ class ASSoftmaxMixin:
         metrics = self.as_softmax_metrics
         on_step = stage == "train"
         # Tensors all the way: an all-ignored batch has count 0 and adds nothing (no Python test).
-        updates: dict[str, tuple[tuple, dict]] = {"loss": ((loss.detach().float(), count), {})}
+        # Batch means weighted by what each batch's mean divides by give the exact epoch mean
+        # (the sum of the targets' class weights for weighted_softmax, the sample count otherwise).
+        mean_weight = getattr(self.as_softmax_criterion, "mean_weight", None)
+        loss_weight = mean_weight(target) if mean_weight is not None else count
+        updates: dict[str, tuple[tuple, dict]] = {"loss": ((loss.detach().float(), loss_weight), {})}
         if "masked_ratio" in names:
             updates["masked_ratio"] = ((), {"masked_count": masked, "valid_count": count})
         if stage != "train":

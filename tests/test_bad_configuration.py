@@ -42,7 +42,7 @@ CONSTRUCTOR_TABLE = [
     (MixinModule, {"delta": -0.1}, ValueError, r"got -0\.1", DELTA_FIX),
     (MixinModule, {"delta": NAN}, ValueError, r"got nan", DELTA_FIX),
     (MixinModule, {"delta": "0.1"}, TypeError, r"got '0\.1'", r"a number in \[0, 1\]"),
-    (MixinModule, {"loss": "arcface"}, ValueError, r"'arcface'", r"Known losses: softmax, t_softmax, .*as_softmax"),
+    (MixinModule, {"loss": "arc_face"}, ValueError, r"'arc_face'", r"Known losses: softmax, t_softmax, .*as_softmax"),
     (MixinModule, {"loss": 3}, TypeError, r"got 3", r"a string, one of softmax"),
     (MixinModule, {"loss_kwargs": [("k", 1)]}, TypeError, r"\[\('k', 1\)\]", r"a mapping of keyword arguments"),
     (MixinModule, {"loss": "sparse_softmax", "loss_kwargs": {"topk": 3}}, TypeError, r"topk", r"accepts: k"),

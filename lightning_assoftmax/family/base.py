@@ -107,6 +107,12 @@ class FamilyLoss(nn.Module):
                 masked = torch.zeros((), dtype=torch.long, device=valid_count.device)
         return self._reduce(rows, valid, target), masked, valid_count
 
+    def mean_weight(self, target: Tensor) -> Tensor:
+        """What ``reduction="mean"`` divides by for ``target`` (a detached 0-dim tensor): the
+        number of non-ignored elements. Batch means weighted by it average to the mean over all
+        the batches' elements (the mixin forms its epoch values so)."""
+        return (target != self.ignore_index).sum()
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return self.loss_and_stats(logits, target)[0]
 

@@ -152,6 +152,14 @@ class WeightedSoftmaxLoss(MarginLoss):
                 f"{logits.shape[1]} classes; give one weight (or count) per class."
             )
 
+    def mean_weight(self, target: Tensor) -> Tensor:
+        """The sum of the non-ignored targets' class weights (what ``"mean"`` divides by)."""
+        valid = target != self.ignore_index
+        if self.class_weight is None or not bool(valid.any()):
+            return valid.sum().to(torch.float64)
+        weights = self.class_weight.to(target.device)
+        return weights[target[valid]].sum().detach()
+
     def _reduce(self, rows: Tensor, valid: Tensor, target: Tensor) -> Tensor:
         weights = self.class_weight.to(device=rows.device, dtype=rows.dtype)[target_rows(target)[valid]]
         weighted = rows * weights
