@@ -21,7 +21,11 @@ in machine load hit every row alike. Prints one progress line per run and a mark
 
 ``sparse_softmax`` keeps the ``--sparse-k`` (default 3) largest of BBC News' 5 logits;
 ``t_softmax`` uses temperature 2, ``label_smoothing`` 0.1, ``am_softmax`` scale 30 and margin
-0.35 with the model's cosine head, ``as_softmax`` delta 0.1 (the library defaults).
+0.35 with the model's cosine head, ``as_softmax`` delta 0.1 (the library defaults). The
+large-margin losses run with their defaults and the head ``classifier_head`` gives each:
+``l_softmax`` and ``sphereface`` margin 4 with ``lam`` 0 (no annealing), ``l2_softmax`` alpha 30,
+``normface`` scale 30, ``cosface`` as ``am_softmax``, ``arcface`` scale 30 and margin 0.5 rad,
+``weighted_softmax`` balanced weights from the training split's class counts.
 
     python benchmarks/compare.py                    # 9 configurations x 3 seeds x 6 epochs, ~10 min
     python benchmarks/compare.py --out runs/compare # + results.md, results.json, results.png
