@@ -711,6 +711,14 @@ def test_margin_annealing_refuses_losses_without_lam_and_bad_settings():
         MarginAnnealing(gamma=-1.0)
 
 
+def test_delta_warmup_says_a_margin_loss_keeps_its_delta():
+    from lightning_assoftmax import DeltaWarmup
+
+    model = MarginClassifier(loss="arcface", loss_kwargs={"delta": 0.2})
+    with pytest.raises(ValueError, match="loss='arcface', whose delta .set in loss_kwargs. stays fixed"):
+        fit(model, blob_data(), max_epochs=1, callbacks=[DeltaWarmup(warmup_fraction=0.5)])
+
+
 def test_hyperparameters_survive_a_checkpoint(tmp_path):
     model = MarginClassifier(loss="l_softmax", loss_kwargs={"margin": 3, "lam": 2.0, "delta": 0.3})
     trainer = fit(model, blob_data(), max_epochs=1, limit_train_batches=1, limit_val_batches=1)

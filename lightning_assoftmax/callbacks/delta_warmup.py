@@ -58,10 +58,16 @@ class DeltaWarmup(Callback):
         require_mixin(pl_module, "DeltaWarmup")
         loss = getattr(pl_module, "as_softmax_loss_name", "as_softmax")
         if loss != "as_softmax":
+            criterion = getattr(pl_module, "as_softmax_criterion", None)
+            why = (
+                "whose delta (set in loss_kwargs) stays fixed"
+                if hasattr(criterion, "delta")
+                else "which has no delta"
+            )
             raise ValueError(
                 f"DeltaWarmup schedules the AS-Softmax margin delta, but {type(pl_module).__name__} "
-                f"trains with loss={loss!r}, which has no delta. Remove the callback for this run "
-                "or use loss='as_softmax'."
+                f"trains with loss={loss!r}, {why}. Remove the callback for this run or use "
+                "loss='as_softmax'."
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -155,10 +155,11 @@ class WeightedSoftmaxLoss(MarginLoss):
     def mean_weight(self, target: Tensor) -> Tensor:
         """The sum of the non-ignored targets' class weights (what ``"mean"`` divides by)."""
         valid = target != self.ignore_index
-        if self.class_weight is None or not bool(valid.any()):
-            return valid.sum().to(torch.float64)
-        weights = self.class_weight.to(target.device)
-        return weights[target[valid]].sum().detach()
+        if self.class_weight is None:
+            return valid.sum()
+        # Ignored positions read any class's weight and are multiplied by 0 (no host sync).
+        index = target.clamp(0, self.class_weight.numel() - 1)
+        return (self.class_weight.to(target.device)[index] * valid).sum()
 
     def _reduce(self, rows: Tensor, valid: Tensor, target: Tensor) -> Tensor:
         weights = self.class_weight.to(device=rows.device, dtype=rows.dtype)[target_rows(target)[valid]]
