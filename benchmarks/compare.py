@@ -27,7 +27,7 @@ large-margin losses run with their defaults and the head ``classifier_head`` giv
 ``normface`` scale 30, ``cosface`` as ``am_softmax``, ``arcface`` scale 30 and margin 0.5 rad,
 ``weighted_softmax`` balanced weights from the training split's class counts.
 
-    python benchmarks/compare.py                    # 9 configurations x 3 seeds x 6 epochs, ~10 min
+    python benchmarks/compare.py                    # 17 configurations x 3 seeds x 6 epochs, ~11 min
     python benchmarks/compare.py --out runs/compare # + results.md, results.json, results.png
     python benchmarks/compare.py --quick            # 1/10 of the articles, 1 seed, 1 epoch: a smoke run
     python benchmarks/compare.py --backbone --seeds 1 --losses softmax,as_softmax,as_speed
