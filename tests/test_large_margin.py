@@ -702,6 +702,23 @@ def test_margin_annealing_schedule_and_its_place_in_training():
     assert "train/margin_lambda" in trainer.callback_metrics
 
 
+@pytest.mark.parametrize(("loss", "loss_kwargs"), [("l_softmax", {"margin": 2}), ("weighted_softmax", {"class_counts": [1, 2, 3, 4]})])
+def test_per_batch_glue_reads_no_tensor_value_on_the_host(monkeypatch, loss, loss_kwargs):
+    from test_no_host_sync import HostReads
+
+    reads = HostReads(monkeypatch)
+    model = MarginClassifier(loss=loss, loss_kwargs=loss_kwargs)
+    reads.watch(monkeypatch, model, "as_softmax_loss")
+    reads.unwatch(monkeypatch, model.as_softmax_criterion, "loss_and_stats")  # the loss itself
+    callbacks = []
+    if loss == "l_softmax":
+        annealing = MarginAnnealing()
+        reads.watch(monkeypatch, annealing, "on_train_batch_start", "MarginAnnealing.on_train_batch_start")
+        callbacks.append(annealing)
+    fit(model, blob_data(), max_epochs=1, limit_val_batches=0, callbacks=callbacks)
+    assert reads.reads == []
+
+
 def test_margin_annealing_refuses_losses_without_lam_and_bad_settings():
     with pytest.raises(ValueError, match="loss='arcface', which has none"):
         fit(MarginClassifier(loss="arcface"), blob_data(), max_epochs=1, callbacks=[MarginAnnealing()])

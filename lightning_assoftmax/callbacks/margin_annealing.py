@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_assoftmax.callbacks._checks import require_mixin
@@ -63,7 +64,8 @@ class MarginAnnealing(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         lam = self.lam_at(trainer.global_step, self._target)
         pl_module.as_softmax_criterion.lam = lam
-        pl_module.log("train/margin_lambda", lam, on_step=True, on_epoch=False, batch_size=1)
+        # A CPU tensor: Lightning would copy a Python float to the module's device at every batch.
+        pl_module.log("train/margin_lambda", torch.tensor(lam), on_step=True, on_epoch=False, batch_size=1)
 
     def _restore(self, pl_module: Any) -> None:
         if self._target is not None:
