@@ -21,9 +21,13 @@ in machine load hit every row alike. Prints one progress line per run and a mark
 
 ``sparse_softmax`` keeps the ``--sparse-k`` (default 3) largest of BBC News' 5 logits;
 ``t_softmax`` uses temperature 2, ``label_smoothing`` 0.1, ``am_softmax`` scale 30 and margin
-0.35 with the model's cosine head, ``as_softmax`` delta 0.1 (the library defaults).
+0.35 with the model's cosine head, ``as_softmax`` delta 0.1 (the library defaults). The
+large-margin losses run with their defaults and the head ``classifier_head`` gives each:
+``l_softmax`` and ``sphereface`` margin 4 with ``lam`` 0 (no annealing), ``l2_softmax`` alpha 30,
+``normface`` scale 30, ``cosface`` as ``am_softmax``, ``arcface`` scale 30 and margin 0.5 rad,
+``weighted_softmax`` balanced weights from the training split's class counts.
 
-    python benchmarks/compare.py                    # 9 configurations x 3 seeds x 6 epochs, ~10 min
+    python benchmarks/compare.py                    # 17 configurations x 3 seeds x 6 epochs, ~11 min
     python benchmarks/compare.py --out runs/compare # + results.md, results.json, results.png
     python benchmarks/compare.py --quick            # 1/10 of the articles, 1 seed, 1 epoch: a smoke run
     python benchmarks/compare.py --backbone --seeds 1 --losses softmax,as_softmax,as_speed
@@ -180,7 +184,7 @@ def run_once(name: str, seed: int, data: BBCNews, args: argparse.Namespace) -> d
     correlation = LossAccuracyCorrelation(save_figure=False)
     callbacks: list[L.Callback] = [recorder, correlation]
     if spec["adaptive"]:
-        callbacks.append(AdaptiveGradAccumulation(lam=1.0, max_steps=2))
+        callbacks.append(AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=2))
     trainer = L.Trainer(
         max_epochs=args.epochs,
         val_check_interval=1.0 / args.val_per_epoch,

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = ConvTextClassifier(vocab_size=data.vocab_size, num_classes=data.num_classes, delta=args.delta)
     callbacks = [
         DeltaWarmup(warmup_fraction=0.1),
-        AdaptiveGradAccumulation(lam=1.0, max_steps=2),
+        AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=2),
         LossAccuracyCorrelation(min_points=2),
     ]
     limit = int(args.limit_batches) if args.limit_batches > 1 else args.limit_batches

@@ -9,6 +9,7 @@ from lightning_assoftmax.callbacks import (
     AdaptiveGradAccumulation,
     DeltaWarmup,
     LossAccuracyCorrelation,
+    MarginAnnealing,
 )
 from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
 from lightning_assoftmax.losses import ASSoftmaxLoss, LinearASSoftmaxLoss, MultiLabelASSoftmaxLoss
@@ -25,6 +26,7 @@ __all__ = [
     "DeltaWarmup",
     "LinearASSoftmaxLoss",
     "LossAccuracyCorrelation",
+    "MarginAnnealing",
     "MaskedSampleRatio",
     "MultiLabelASSoftmaxLoss",
     "__version__",

@@ -34,6 +34,7 @@ from lightning_assoftmax.callbacks import (  # noqa: F401
     AdaptiveGradAccumulation,
     DeltaWarmup,
     LossAccuracyCorrelation,
+    MarginAnnealing,
 )
 from lightning_assoftmax.data import BBCNews, BBCNewsTokens, Digits, TextFile  # noqa: F401
 from lightning_assoftmax.models import ImageClassifier, TextClassifier, TokenClassifier  # noqa: F401

@@ -9,6 +9,7 @@ from lightning_assoftmax.functional import (
     as_softmax_loss_and_stats,
     linear_as_softmax_loss_and_stats,
     multilabel_as_softmax_loss,
+    multilabel_as_softmax_loss_and_stats,
 )
 from lightning_assoftmax.functional._checks import check_delta, check_ignore_index, check_reduction
 
@@ -48,7 +49,11 @@ class ASSoftmaxLoss(nn.Module):
         )
 
     def loss_and_stats(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The loss plus ``(masked_count, valid_count)`` (see ``as_softmax_loss_and_stats``)."""
+        """The loss plus ``(masked_count, valid_count)`` (see ``as_softmax_loss_and_stats``).
+
+        The counts are what ``AdaptiveGradAccumulation`` reads from a ``training_step`` that
+        returns ``{"loss": loss, "masked_count": masked, "valid_count": valid}``.
+        """
         return as_softmax_loss_and_stats(
             logits, target, self.delta, ignore_index=self.ignore_index, reduction=self.reduction
         )
@@ -130,6 +135,11 @@ class MultiLabelASSoftmaxLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return multilabel_as_softmax_loss(logits, target, self.delta, reduction=self.reduction)
+
+    def loss_and_stats(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss plus ``(masked_count, row_count)``: rows whose loss is exactly 0, and all rows
+        (see ``multilabel_as_softmax_loss_and_stats``)."""
+        return multilabel_as_softmax_loss_and_stats(logits, target, self.delta, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"delta={self.delta}, reduction={self.reduction!r}"

@@ -8,21 +8,47 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
-from lightning_assoftmax.family import build_loss, check_loss_name, loss_kwarg_names
+from lightning_assoftmax.family import (
+    build_loss,
+    check_loss_name,
+    count_class_labels,
+    loss_kwarg_names,
+)
 from lightning_assoftmax.functional import (
     multilabel_as_softmax_loss,
     multilabel_as_softmax_loss_and_stats,
 )
 from lightning_assoftmax.functional._checks import check_delta, check_flag, check_ignore_index
-from lightning_assoftmax.metrics import WeightedMean
+from lightning_assoftmax.metrics import MaskedSampleRatio, WeightedMean
 from lightning_assoftmax.ops import compute_dtype
 
 __all__ = ["ASSoftmaxMixin"]
 
 # Multi-label targets only have the AS-Softmax loss and its delta=1 base loss.
 MULTILABEL_LOSSES = ("as_softmax", "softmax")
+
+
+def _label_of(item: Any) -> Any:
+    """The label of one dataset item: ``item["labels"]`` (or ``"label"``), else its last element."""
+    if isinstance(item, Mapping):
+        for key in ("labels", "label"):
+            if key in item:
+                return item[key]
+        raise ValueError(
+            f"cannot find the label of a training item with keys {sorted(item)}; give the datamodule "
+            "a `class_counts` attribute for weighted_softmax(weight='balanced')."
+        )
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[-1]
+    raise ValueError(
+        f"cannot find the label of a training item of type {type(item).__name__}; give the datamodule "
+        "a `class_counts` attribute for weighted_softmax(weight='balanced')."
+    )
 
 
 def _stage_keys(stage: str, masked_ratio: bool) -> tuple[str, ...]:
@@ -48,38 +74,57 @@ class ASSoftmaxMixin:
     In a running ``Trainer`` the method logs ``<stage>/loss`` and ``<stage>/masked_ratio`` for
     ``train`` (per step and per epoch), ``val`` and ``test`` (per epoch), plus ``<stage>/ce_loss``
     (plain cross entropy on the same logits) and ``<stage>/acc`` in validation and test. Epoch
-    values are exact means over all non-ignored samples of all processes (torchmetrics states).
+    values are exact over all non-ignored samples of all processes (torchmetrics states: the loss
+    means in :class:`~lightning_assoftmax.metrics.WeightedMean`, the masked ratio in
+    :class:`~lightning_assoftmax.MaskedSampleRatio` fed with the loss call's own counts, accuracy
+    in torchmetrics' ``MulticlassAccuracy`` / ``MultilabelAccuracy`` with ``average="micro"``).
+    With several validation or test dataloaders each dataloader has its own metrics, logged under
+    Lightning's ``/dataloader_idx_<n>`` suffix (``val/acc/dataloader_idx_1``). The logging around
+    the loss reads no tensor value on the host (no per-batch synchronisation on a GPU).
+
+    Call it once per batch with ``log=True`` (the default); further calls in the same step (a
+    second head, an auxiliary loss) take ``log=False``, or their batch is counted again.
 
     Another member of the softmax family (see :func:`~lightning_assoftmax.build_loss`) replaces
     AS-Softmax with ``loss="sparsemax"`` (and its keywords in ``loss_kwargs``); the method keeps
     its name and logs the same keys, except that ``<stage>/masked_ratio`` (share of samples whose
     loss is exactly zero) is logged only for losses that can zero a sample out (``as_softmax``,
-    ``sparsemax``, ``entmax15``, ``sparse_softmax`` with ``k=1``). ``<stage>/ce_loss`` is the plain
-    cross entropy of the loss's ``predictive_logits`` (the raw logits, ``logits / temperature`` for
-    ``t_softmax``, ``scale * cosines`` for ``am_softmax``). For ``am_softmax`` give the model the
-    cosine head ``classifier_head(in_features, num_classes, loss="am_softmax")``.
+    ``sparsemax``, ``entmax15``, ``sparse_softmax`` with ``k=1``, and the large-margin losses when
+    ``loss_kwargs`` sets their ``delta``). ``<stage>/ce_loss`` is the plain cross entropy of the
+    loss's ``predictive_logits``, the model's margin-free distribution (the raw logits,
+    ``logits / temperature`` for ``t_softmax``, ``scale * cosines`` for the cosine-margin losses,
+    ``alpha * logits`` for ``l2_softmax``). Give the model the output layer its loss needs:
+    ``classifier_head(in_features, num_classes, loss=name)``.
+
+    ``weighted_softmax`` with ``weight="balanced"`` counts the training labels the first time the
+    loss is computed in a ``Trainer``: from the datamodule's ``class_counts`` attribute (one count
+    per class) when it has one, else in one pass over the training dataset (items that are dicts
+    with ``"labels"`` or ``"label"``, or ``(inputs, ..., label)`` tuples).
 
     Args:
         delta: the AS-Softmax margin in ``[0, 1]`` (paper: 0.1; 1 is plain cross entropy); used
-            by ``loss="as_softmax"`` only.
+            by ``loss="as_softmax"`` only (a large-margin loss takes its own ``delta`` in
+            ``loss_kwargs``).
         multilabel: targets are 0/1 tensors shaped like the logits (multi-label AS-Softmax); the
             logged ``acc`` is then label-wise accuracy at the score threshold 0 and ``ce_loss``
             the unmasked multi-label base loss. Only ``as_softmax`` and ``softmax`` (its
             ``delta=1`` base loss) exist for multi-label targets.
         ignore_index: target value to skip (single-label only).
         loss: name of the loss, one of :data:`lightning_assoftmax.family.LOSS_NAMES`.
-        loss_kwargs: keywords of that loss (e.g. ``{"k": 3}`` for ``sparse_softmax``); not
-            ``ignore_index`` or ``reduction`` (the mixin sets them), nor ``delta`` (an argument
-            of its own).
+        loss_kwargs: keywords of that loss (e.g. ``{"k": 3}`` for ``sparse_softmax``,
+            ``{"margin": 0.5, "delta": 0.1}`` for ``arcface`` composed with AS-Softmax); not
+            ``ignore_index`` or ``reduction`` (the mixin sets them), nor, for ``as_softmax``,
+            ``delta`` (an argument of the mixin's own).
 
     Attributes:
         as_softmax_delta: the delta used for the *training* loss; ``DeltaWarmup`` moves it.
         as_softmax_target_delta: the configured delta, used for validation and test losses so
             that their values stay comparable across epochs.
         as_softmax_last_stats: ``(masked_count, valid_count)`` of the latest training batch
-            (0-dim tensors), read by ``AdaptiveGradAccumulation``. ``masked_count`` counts
-            exactly-zero losses, and is 0 for losses that cannot zero a sample out, so that
-            accumulation stays at one batch per step for them.
+            (0-dim integer tensors) from its ``log=True`` call(s), read by
+            ``AdaptiveGradAccumulation``. ``masked_count`` counts exactly-zero losses, and is 0
+            for losses that cannot zero a sample out, so that accumulation stays at one batch
+            per step for them.
         as_softmax_criterion: the loss module (``None`` for multi-label targets).
     """
 
@@ -122,22 +167,31 @@ class ASSoftmaxMixin:
         else:
             self.as_softmax_reports_masked = bool(self.as_softmax_criterion.produces_masked_samples)
         self.as_softmax_last_stats: tuple[Tensor, Tensor] | None = None
-        self.as_softmax_metrics = nn.ModuleDict(
-            {
-                f"{stage}_{key}": WeightedMean()
-                for stage in ("train", "val", "test")
-                for key in _stage_keys(stage, self.as_softmax_reports_masked)
-            }
-        )
+        # One set of metrics per stage and dataloader, made at its first batch: the number of
+        # classes (for accuracy) and of evaluation dataloaders are known only then.
+        self.as_softmax_metrics = nn.ModuleDict()
+        self._as_softmax_logged_batch: tuple | None = None
+        self._as_softmax_warned_twice = False
 
     # -- public API -------------------------------------------------------------------------
-    def as_softmax_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+    def as_softmax_loss(self, logits: Tensor, target: Tensor, *, log: bool = True) -> Tensor:
         """The (mean) loss of a batch (AS-Softmax unless ``loss=`` chose another); logs it when
         called inside a ``Trainer`` loop.
 
         Shapes as ``F.cross_entropy``: logits ``(N, C)`` or ``(N, C, d1, ...)``, target ``(N)`` or
         ``(N, d1, ...)``; for ``multilabel=True`` the target is 0/1 shaped like the logits.
+
+        Args:
+            log: update and log the stage's metrics with this call and, in training, hand its
+                masked and valid counts to ``AdaptiveGradAccumulation`` (``as_softmax_last_stats``).
+                Pass ``False`` for every further call in the same step (a second head, an
+                auxiliary loss), so that each batch is logged and counted once.
         """
+        if not isinstance(log, bool):
+            raise TypeError(
+                f"as_softmax_loss: log must be True or False, got {log!r}; use log=False for the "
+                "calls (second head, auxiliary loss) that should not be logged."
+            )
         stage = self._as_softmax_stage()
         delta = self.as_softmax_delta if stage in (None, "train") else self.as_softmax_target_delta
         criterion = self.as_softmax_criterion
@@ -150,10 +204,10 @@ class ASSoftmaxMixin:
         else:
             if self.as_softmax_loss_name == "as_softmax":
                 criterion.delta = delta  # DeltaWarmup moves the training delta between batches
+            if getattr(criterion, "needs_class_counts", False) and stage is not None:
+                criterion.set_class_counts(self._as_softmax_training_class_counts(logits))
             loss, masked, count = criterion.loss_and_stats(logits, target)
-        if stage == "train":
-            self.as_softmax_last_stats = (masked, count)
-        if stage is not None:
+        if log and stage is not None:
             self._as_softmax_log(stage, loss, masked, count, logits, target)
         return loss
 
@@ -166,7 +220,10 @@ class ASSoftmaxMixin:
                 f"loss_kwargs must be a mapping of keyword arguments for loss {loss!r} (e.g. "
                 f"{{'k': 3}}) or None, got {loss_kwargs!r}."
             )
-        own = [key for key in loss_kwargs if key in ("ignore_index", "reduction", "delta")]
+        # A large-margin loss's delta (AS-Softmax on its margin logits) is one of its keywords;
+        # as_softmax's own delta is the mixin's, which DeltaWarmup moves.
+        mixin_owned = ("ignore_index", "reduction", "delta") if loss == "as_softmax" else ("ignore_index", "reduction")
+        own = [key for key in loss_kwargs if key in mixin_owned]
         if own:
             raise ValueError(
                 f"loss_kwargs must not set {', '.join(own)}: pass ignore_index and delta to the "
@@ -189,7 +246,7 @@ class ASSoftmaxMixin:
         own_kwargs: dict[str, Any] = {"ignore_index": self.as_softmax_ignore_index}
         if loss == "as_softmax":
             own_kwargs["delta"] = self.as_softmax_target_delta
-        accepted = [k for k in loss_kwarg_names(loss) if k not in ("ignore_index", "reduction", "delta")]
+        accepted = [k for k in loss_kwarg_names(loss) if k not in mixin_owned]
         unexpected = sorted(set(loss_kwargs) - set(accepted))
         if unexpected:
             raise TypeError(
@@ -197,6 +254,31 @@ class ASSoftmaxMixin:
                 f"{loss!r} accepts: {', '.join(accepted) if accepted else 'no keywords'}."
             )
         return build_loss(loss, **own_kwargs, **loss_kwargs)
+
+    def _as_softmax_training_class_counts(self, logits: Tensor) -> Tensor:
+        """Per-class counts of the training labels, for ``weighted_softmax(weight="balanced")``:
+        the datamodule's ``class_counts`` if it has one, else one pass over the training dataset."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        counts = getattr(datamodule, "class_counts", None)
+        if counts is not None:
+            return torch.as_tensor(counts)
+        if datamodule is not None and callable(getattr(datamodule, "train_dataloader", None)):
+            loader = datamodule.train_dataloader()
+        else:
+            loader = getattr(trainer, "train_dataloader", None)
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            raise ValueError(
+                "weighted_softmax(weight='balanced') needs the training split's class counts, but "
+                "no training dataset is reachable from the Trainer here. Give the datamodule a "
+                "`class_counts` attribute (one count per class), or pass loss_kwargs={'class_counts': "
+                "[...]} or explicit weights (loss_kwargs={'weight': [...]})."
+            )
+        num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+        return count_class_labels(
+            (_label_of(item) for item in dataset), num_classes, self.as_softmax_ignore_index
+        )
 
     def _as_softmax_stage(self) -> str | None:
         trainer = getattr(self, "_trainer", None)
@@ -211,43 +293,101 @@ class ASSoftmaxMixin:
         return None
 
     @torch.no_grad()
-    def _as_softmax_plain_stats(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Summed plain loss and the number of correct predictions (for ce_loss and acc)."""
+    def _as_softmax_ce_sum(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Summed plain loss on the same logits (for ``ce_loss``)."""
         if self.as_softmax_multilabel:
-            ce = multilabel_as_softmax_loss(logits, target, 1.0, reduction="sum")
-            correct = ((logits > 0) == (target > 0.5)).float().mean(dim=1).sum()
-            return ce, correct
+            return multilabel_as_softmax_loss(logits, target, 1.0, reduction="sum")
         scores = self.as_softmax_criterion.predictive_logits(logits.to(compute_dtype(logits.dtype)))
-        ce = F.cross_entropy(scores, target, ignore_index=self.as_softmax_ignore_index, reduction="sum")
-        valid = target != self.as_softmax_ignore_index
-        correct = ((logits.argmax(dim=1) == target) & valid).sum()
-        return ce, correct
+        return F.cross_entropy(scores, target, ignore_index=self.as_softmax_ignore_index, reduction="sum")
+
+    def _as_softmax_new_metric(self, key: str, logits: Tensor) -> Metric:
+        if key == "masked_ratio":
+            return MaskedSampleRatio()
+        if key != "acc":
+            return WeightedMean()
+        classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+        # validate_args=False: the loss call has checked the targets already, and the checks
+        # would read tensor values on the host at every batch.
+        if self.as_softmax_multilabel:
+            return MultilabelAccuracy(classes, average="micro", validate_args=False)
+        return MulticlassAccuracy(
+            classes, average="micro", ignore_index=self.as_softmax_ignore_index, validate_args=False
+        )
+
+    def _as_softmax_stage_metrics(self, stage: str, dataloader_idx: int | None, logits: Tensor) -> dict[str, str]:
+        """Attribute names (in ``as_softmax_metrics``) of the metrics of a stage and dataloader."""
+        prefix = stage if dataloader_idx is None else f"{stage}_dataloader_idx_{dataloader_idx}"
+        names = {key: f"{prefix}_{key}" for key in _stage_keys(stage, self.as_softmax_reports_masked)}
+        for key, name in names.items():
+            if name not in self.as_softmax_metrics:
+                self.as_softmax_metrics[name] = self._as_softmax_new_metric(key, logits).to(logits.device)
+        return names
+
+    def _as_softmax_batch(self, stage: str, dataloader_idx: int | None) -> tuple | None:
+        """Identifies the running batch, to notice a second logging call within it."""
+        trainer = self._trainer
+        try:
+            loop = trainer.fit_loop.epoch_loop if stage == "train" else trainer._evaluation_loop
+            return id(trainer), stage, dataloader_idx, loop.batch_progress.total.ready
+        except (AttributeError, RuntimeError):
+            return None
 
     def _as_softmax_log(
         self, stage: str, loss: Tensor, masked: Tensor, count: Tensor, logits: Tensor, target: Tensor
     ) -> None:
-        if int(count) == 0:  # an all-ignored batch adds nothing to a mean
-            return
-        weight = count.float()
-        values = {"loss": loss.detach()}
-        if self.as_softmax_reports_masked:
-            values["masked_ratio"] = masked.float() / weight
-        if stage != "train":
-            ce_sum, correct = self._as_softmax_plain_stats(logits.detach(), target)
-            values["ce_loss"] = ce_sum / weight
-            values["acc"] = correct.float() / weight
-        on_step = stage == "train"
-        for key, value in values.items():
-            metric = self.as_softmax_metrics[f"{stage}_{key}"]
-            if on_step:
-                metric(value.float(), weight)  # forward: Lightning logs the batch value too
+        results = getattr(self._trainer, "_results", None)
+        # The index Lightning's self.log appends as /dataloader_idx_<n> (None with one dataloader).
+        dataloader_idx = getattr(results, "dataloader_idx", None)
+        batch = self._as_softmax_batch(stage, dataloader_idx)
+        again = batch is not None and batch == self._as_softmax_logged_batch
+        self._as_softmax_logged_batch = batch
+        if again and not self._as_softmax_warned_twice:
+            self._as_softmax_warned_twice = True
+            rank_zero_warn(
+                f"{type(self).__name__} called as_softmax_loss(..., log=True) more than once in one "
+                f"{stage} step: the batch is logged once per call (and in training, "
+                "AdaptiveGradAccumulation counts the samples of every such call). Pass log=False to "
+                "the calls that should not be logged, e.g. an auxiliary head's loss."
+            )
+        if stage == "train":
+            stats = self.as_softmax_last_stats
+            if again and stats is not None:
+                masked_total, count_total = stats[0] + masked, stats[1] + count
+                self.as_softmax_last_stats = (masked_total, count_total)
             else:
-                metric.update(value.float(), weight)
+                self.as_softmax_last_stats = (masked, count)
+        names = self._as_softmax_stage_metrics(stage, dataloader_idx, logits)
+        metrics = self.as_softmax_metrics
+        on_step = stage == "train"
+        # Tensors all the way: an all-ignored batch has count 0 and adds nothing (no Python test).
+        # Batch means weighted by what each batch's mean divides by give the exact epoch mean
+        # (the sum of the targets' class weights for weighted_softmax, the sample count otherwise).
+        mean_weight = getattr(self.as_softmax_criterion, "mean_weight", None)
+        loss_weight = mean_weight(target) if mean_weight is not None else count
+        updates: dict[str, tuple[tuple, dict]] = {"loss": ((loss.detach().float(), loss_weight), {})}
+        if "masked_ratio" in names:
+            updates["masked_ratio"] = ((), {"masked_count": masked, "valid_count": count})
+        if stage != "train":
+            logits, target = logits.detach(), target.detach()
+            ce = self._as_softmax_ce_sum(logits, target).float() / count.clamp(min=1)
+            updates["ce_loss"] = ((ce, count), {})
+            if self.as_softmax_multilabel:
+                updates["acc"] = (((logits > 0).long(), target.long()), {})
+            elif logits.dim() == 1:
+                updates["acc"] = ((logits.unsqueeze(0), target.reshape(1)), {})
+            else:
+                updates["acc"] = ((logits, target), {})
+        for key, (args, kwargs) in updates.items():
+            metric = metrics[names[key]]
+            if on_step:
+                metric(*args, **kwargs)  # forward: Lightning logs the batch value too
+            else:
+                metric.update(*args, **kwargs)
             self.log(
                 f"{stage}/{key}",
                 metric,
                 on_step=on_step,
                 on_epoch=True,
                 prog_bar=key in ("loss", "acc", "masked_ratio"),
-                batch_size=int(count),
+                metric_attribute=f"as_softmax_metrics.{names[key]}",
             )

@@ -28,7 +28,8 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelChec
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
-from lightning_assoftmax import AdaptiveGradAccumulation, ASSoftmaxMixin
+from lightning_assoftmax import AdaptiveGradAccumulation, ASSoftmaxLoss, ASSoftmaxMixin
+from lightning_assoftmax.functional import as_softmax_loss_and_stats
 
 torch.set_num_threads(1)
 
@@ -199,7 +200,7 @@ def check_gradient_invariant(model, recorder, delta, atol=1e-6, rtol=1e-5, clip_
 def fit_recorded(tmp_path, *, n=100, batch_size=8, epochs=3, lam=1.0, max_steps=2, delta=0.1, module_kwargs=None, **trainer_kwargs):
     x, y = cluster_data(n)
     model = TinyClassifier(delta=delta, **(module_kwargs or {}))
-    callback = AdaptiveGradAccumulation(lam=lam, max_steps=max_steps)
+    callback = AdaptiveGradAccumulation(lam=lam, max_accumulate_grad_batches=max_steps)
     recorder = BatchRecorder()
     trainer = make_trainer(tmp_path, [callback, recorder], max_epochs=epochs, **trainer_kwargs)
     trainer.fit(model, EpochSeededLoader(x, y, batch_size))
@@ -327,7 +328,7 @@ def test_scripted_ratios_give_the_hand_computed_windows(tmp_path):
     masked = [0, 1, 2, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]
     model = confident_model(0.1)
     recorder = BatchRecorder()
-    callback = AdaptiveGradAccumulation(max_steps=3)
+    callback = AdaptiveGradAccumulation(max_accumulate_grad_batches=3)
     trainer = make_trainer(tmp_path, [callback, recorder], max_epochs=2)
     trainer.fit(model, scripted_loader(masked))
     ks = [b["k"] for b in recorder.batches]
@@ -344,13 +345,111 @@ def test_nan_or_empty_window_keeps_its_size(tmp_path, case):
     model = confident_model(0.1, nan_loss_at=(0, 1, 2) if case == "nan_loss" else ())
     loader = scripted_loader([4] * 8, ignore_batches=(0, 1, 2) if case == "no_valid_samples" else ())
     recorder = BatchRecorder()
-    trainer = make_trainer(tmp_path, [AdaptiveGradAccumulation(max_steps=2), recorder], max_epochs=1)
+    trainer = make_trainer(tmp_path, [AdaptiveGradAccumulation(max_accumulate_grad_batches=2), recorder], max_epochs=1)
     trainer.fit(model, loader)
     ks = [b["k"] for b in recorder.batches]
     if case == "normal":
         assert ks == [1, 1, 2, 2, 2, 2, 2, 2]  # decided after batch 0, aligned at batch 2
     else:
         assert ks == [1, 1, 1, 1, 2, 2, 2, 2]  # decided after batch 3, aligned at batch 4
+
+
+# -- a module without the mixin ------------------------------------------------------------------------
+class CountsModule(L.LightningModule):
+    """No mixin: ``training_step`` returns the loss with its masked and valid counts, from the
+    ``ASSoftmaxLoss`` module or from the functional API."""
+
+    def __init__(self, source: str, delta: float = 0.1, lr: float = 0.3, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, N_CLASSES))
+        self.source, self.delta, self.lr = source, delta, lr
+        self.criterion = ASSoftmaxLoss(delta)
+        self.step_log: list = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.source == "module":
+            loss, masked, valid = self.criterion.loss_and_stats(self(x), y)
+        else:
+            loss, masked, valid = as_softmax_loss_and_stats(self(x), y, self.delta)
+        return {"loss": loss, "masked_count": masked, "valid_count": valid}
+
+    def configure_optimizers(self):
+        return RecordingSGD(self.parameters(), lr=self.lr, log=self.step_log)
+
+
+@pytest.mark.parametrize("source", ["module", "functional"])
+def test_a_module_without_the_mixin_that_returns_the_counts(tmp_path, source):
+    x, y = cluster_data(100)
+    model, recorder = CountsModule(source), BatchRecorder()
+    callback = AdaptiveGradAccumulation(max_accumulate_grad_batches=3)
+    make_trainer(tmp_path, [callback, recorder], max_epochs=3).fit(model, EpochSeededLoader(x, y, 8))
+    groups = check_gradient_invariant(model, recorder, delta=0.1)
+    assert max(b["k"] for b in recorder.batches) == 3
+    assert any(len(w) < w[-1]["k"] for w in groups)  # a short epoch tail was rescaled
+    assert [b["k"] for b in recorder.batches] == simulate_windows(model, recorder, 0.1, 1.0, 3)
+    assert callback.summary()["optimizer_steps"] == len(model.step_log) < len(recorder.batches)
+
+
+def test_training_step_counts_reads_the_output_first_then_the_mixin():
+    from lightning_assoftmax.callbacks.step_outputs import training_step_counts
+
+    plain, mixin = PlainModule(), TinyClassifier()
+    counts = {"loss": torch.tensor(0.5), "masked_count": torch.tensor(3), "valid_count": torch.tensor(8)}
+    assert training_step_counts(plain, counts) == (counts["masked_count"], counts["valid_count"])
+    assert training_step_counts(plain, {"loss": torch.tensor(0.5)}) is None
+    mixin.as_softmax_last_stats = (torch.tensor(1), torch.tensor(4))
+    assert training_step_counts(mixin, {"loss": torch.tensor(0.5)}) is mixin.as_softmax_last_stats
+    assert training_step_counts(mixin, counts)[1] is counts["valid_count"]
+    with pytest.raises(TypeError, match=r"masked_count=tensor\(3\.\).*0-dim integer tensor.*loss_and_stats"):
+        training_step_counts(plain, {**counts, "masked_count": torch.tensor(3.0)})
+
+
+# -- reuse across fits -------------------------------------------------------------------------------
+def test_a_reused_instance_starts_each_fresh_fit_at_one_with_zero_counters(tmp_path):
+    callback = AdaptiveGradAccumulation(max_accumulate_grad_batches=2)
+    x, y = cluster_data(100)
+    first = TinyClassifier()
+    make_trainer(tmp_path / "a", [callback], max_epochs=3).fit(first, EpochSeededLoader(x, y, 8))
+    assert callback.accumulate_grad_batches == 2  # the first fit grew the window
+
+    x, y = cluster_data(36 * 4, seed=1)
+    model, recorder = TinyClassifier(), BatchRecorder()
+    make_trainer(tmp_path / "b", [callback, recorder], max_epochs=1).fit(model, EpochSeededLoader(x, y, 4))
+    assert recorder.batches[0]["k"] == 1
+    assert [b["k"] for b in recorder.batches] == simulate_windows(model, recorder, 0.1, 1.0, 2)
+    check_gradient_invariant(model, recorder, delta=0.1)
+    summary = callback.summary()
+    assert summary["plain_optimizer_steps"] == len(recorder.batches) == 36
+    assert summary["optimizer_steps"] == len(model.step_log)
+    assert sum(size * count for size, count in summary["window_sizes"].items()) == 36
+
+
+def test_a_reused_instance_resumed_from_a_checkpoint_continues_its_state(tmp_path):
+    x, y = cluster_data(100)
+
+    def run(root, epochs, callback, ckpt_path=None):
+        model, recorder = TinyClassifier(step_lr_gamma=0.97), KRecorder()
+        trainer = make_trainer(root, [callback, recorder], max_epochs=epochs)
+        trainer.fit(model, EpochSeededLoader(x, y, 8), ckpt_path=ckpt_path)
+        return model, recorder, trainer
+
+    full_model, full, _ = run(tmp_path / "full", 4, AdaptiveGradAccumulation(max_accumulate_grad_batches=3))
+    callback = AdaptiveGradAccumulation(max_accumulate_grad_batches=3)
+    _, first, first_trainer = run(tmp_path / "a", 2, callback)
+    first_trainer.save_checkpoint(tmp_path / "a.ckpt")
+    saved = callback.summary()
+    run(tmp_path / "other", 1, callback)  # an unrelated fresh fit in between
+    second_model, second, _ = run(tmp_path / "b", 4, callback, ckpt_path=tmp_path / "a.ckpt")
+    assert first.ks + second.ks == full.ks
+    assert callback.summary()["plain_optimizer_steps"] == 4 * 13
+    assert callback.summary()["optimizer_steps"] - saved["optimizer_steps"] == len(second_model.step_log)
+    for a, b in zip(second_model.parameters(), full_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # -- refusals ---------------------------------------------------------------------------------------
@@ -362,13 +461,32 @@ def test_nan_or_empty_window_keeps_its_size(tmp_path, case):
         ({"lam": float("nan")}, ValueError, "got nan"),
         ({"lam": float("inf")}, ValueError, "got inf"),
         ({"lam": True}, TypeError, "lam"),
-        ({"max_steps": 0}, ValueError, "max_steps must be >= 1.*got 0"),
-        ({"max_steps": 2.0}, TypeError, "max_steps must be an integer"),
+        ({"max_accumulate_grad_batches": 0}, ValueError, "max_accumulate_grad_batches must be >= 1.*got 0"),
+        ({"max_accumulate_grad_batches": 2.0}, TypeError, "max_accumulate_grad_batches must be an integer"),
+        ({"max_steps": 3, "max_accumulate_grad_batches": 4}, TypeError, "pass only max_accumulate_grad_batches"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         AdaptiveGradAccumulation(**kwargs)
+
+
+def test_max_steps_is_a_deprecated_name_of_the_cap(tmp_path):
+    with pytest.warns(FutureWarning, match=r"max_steps=\.\.\.\) is deprecated.*max_accumulate_grad_batches=3"):
+        callback = AdaptiveGradAccumulation(max_steps=3)
+    assert callback.max_accumulate_grad_batches == 3
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="max_steps must be >= 1"):
+        AdaptiveGradAccumulation(max_steps=0)
+    # It still caps the window, and a checkpoint written with the old key still loads.
+    x, y = cluster_data(100)
+    recorder = BatchRecorder()
+    make_trainer(tmp_path, [callback, recorder], max_epochs=4).fit(TinyClassifier(), EpochSeededLoader(x, y, 8))
+    assert max(b["k"] for b in recorder.batches) == 3
+    state = callback.state_dict()
+    state["max_steps"] = state.pop("max_accumulate_grad_batches")
+    resumed = AdaptiveGradAccumulation(max_accumulate_grad_batches=3)
+    resumed.load_state_dict(state)  # no warning: same cap
+    assert resumed.state_dict() == callback.state_dict()
 
 
 def small_fit(tmp_path, model=None, callbacks=None, **trainer_kwargs):
@@ -429,7 +547,7 @@ def test_strategy_that_accumulates_itself_is_refused(tmp_path):
 
 
 def test_trainer_accumulate_grad_batches_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"Trainer\(accumulate_grad_batches=3\).*max_steps"):
+    with pytest.raises(ValueError, match=r"Trainer\(accumulate_grad_batches=3\).*max_accumulate_grad_batches"):
         small_fit(tmp_path, accumulate_grad_batches=3)
 
 
@@ -439,9 +557,18 @@ def test_gradient_accumulation_scheduler_is_refused(tmp_path):
         small_fit(tmp_path, callbacks=callbacks)
 
 
-def test_module_without_the_mixin_is_refused(tmp_path):
-    with pytest.raises(TypeError, match="PlainModule.*ASSoftmaxMixin"):
-        small_fit(tmp_path, model=PlainModule())
+def test_module_without_counts_is_refused_at_its_first_batch(tmp_path):
+    class CountBatches(L.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            CountBatches.batches += 1
+
+    callbacks = [AdaptiveGradAccumulation(), CountBatches()]
+    match = r"PlainModule.training_step has no 'masked_count'.*\['loss'\].*loss_and_stats.*ASSoftmaxMixin"
+    with pytest.raises(TypeError, match=match):
+        small_fit(tmp_path, model=PlainModule(), callbacks=callbacks)
+    assert CountBatches.batches == 0  # raised at the end of the first batch
 
 
 def test_someone_else_changing_accumulation_is_refused(tmp_path):
@@ -483,7 +610,7 @@ def resume_run(tmp_path, epochs, *, ckpt_path=None, checkpoint=None, max_steps=-
     x, y = cluster_data(100)
     model = TinyClassifier(step_lr_gamma=0.97)
     recorder = KRecorder()
-    callbacks = [AdaptiveGradAccumulation(max_steps=3), recorder] + ([checkpoint] if checkpoint else [])
+    callbacks = [AdaptiveGradAccumulation(max_accumulate_grad_batches=3), recorder] + ([checkpoint] if checkpoint else [])
     trainer = make_trainer(
         tmp_path, callbacks, max_epochs=epochs, max_steps=max_steps, enable_checkpointing=checkpoint is not None
     )
@@ -523,10 +650,10 @@ def test_resume_mid_epoch_from_a_step_checkpoint_matches_an_uninterrupted_run(tm
 
 @pytest.mark.filterwarnings("ignore:.*this checkpoint was taken inside an accumulation window")
 def test_state_dict_round_trip_keeps_pending_and_open_window():
-    callback = AdaptiveGradAccumulation(max_steps=3)
+    callback = AdaptiveGradAccumulation(max_accumulate_grad_batches=3)
     state = {
         "lam": 1.0,
-        "max_steps": 3,
+        "max_accumulate_grad_batches": 3,
         "accumulate_grad_batches": 2,
         "pending": 3,
         "window_batches": 1,
@@ -538,8 +665,8 @@ def test_state_dict_round_trip_keeps_pending_and_open_window():
     callback.load_state_dict(state)
     assert callback.accumulate_grad_batches == 2 and callback.pending_accumulate_grad_batches == 3
     assert callback.state_dict() == state
-    smaller = AdaptiveGradAccumulation(max_steps=1)
-    with pytest.warns(UserWarning, match="max_steps=1 from a checkpoint made with lam=1.0, max_steps=3"):
+    smaller = AdaptiveGradAccumulation(max_accumulate_grad_batches=1)
+    with pytest.warns(UserWarning, match="max_accumulate_grad_batches=1 from a checkpoint made with lam=1.0, max_accumulate_grad_batches=3"):
         smaller.load_state_dict(state)
     assert smaller.pending_accumulate_grad_batches == 1  # shrinks at the next aligned batch
 
@@ -592,7 +719,7 @@ def _ddp_worker(out_dir: str) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[AdaptiveGradAccumulation(max_steps=3), recorder],
+        callbacks=[AdaptiveGradAccumulation(max_accumulate_grad_batches=3), recorder],
     )
     trainer.fit(model, loader)
     rank = trainer.global_rank

@@ -42,7 +42,7 @@ CONSTRUCTOR_TABLE = [
     (MixinModule, {"delta": -0.1}, ValueError, r"got -0\.1", DELTA_FIX),
     (MixinModule, {"delta": NAN}, ValueError, r"got nan", DELTA_FIX),
     (MixinModule, {"delta": "0.1"}, TypeError, r"got '0\.1'", r"a number in \[0, 1\]"),
-    (MixinModule, {"loss": "arcface"}, ValueError, r"'arcface'", r"Known losses: softmax, t_softmax, .*as_softmax"),
+    (MixinModule, {"loss": "arc_face"}, ValueError, r"'arc_face'", r"Known losses: softmax, t_softmax, .*as_softmax"),
     (MixinModule, {"loss": 3}, TypeError, r"got 3", r"a string, one of softmax"),
     (MixinModule, {"loss_kwargs": [("k", 1)]}, TypeError, r"\[\('k', 1\)\]", r"a mapping of keyword arguments"),
     (MixinModule, {"loss": "sparse_softmax", "loss_kwargs": {"topk": 3}}, TypeError, r"topk", r"accepts: k"),
@@ -55,9 +55,12 @@ CONSTRUCTOR_TABLE = [
     (AdaptiveGradAccumulation, {"lam": -1}, ValueError, r"got -1", r"lam=1"),
     (AdaptiveGradAccumulation, {"lam": INF}, ValueError, r"got inf", r"positive finite number"),
     (AdaptiveGradAccumulation, {"lam": "1"}, TypeError, r"got '1'", r"a positive number"),
-    (AdaptiveGradAccumulation, {"max_steps": 0}, ValueError, r"got 0", r"max_steps=1 to never accumulate"),
-    (AdaptiveGradAccumulation, {"max_steps": 2.0}, TypeError, r"got 2\.0", r"an integer >= 1"),
-    (AdaptiveGradAccumulation, {"max_steps": True}, TypeError, r"got True", r"an integer >= 1"),
+    (AdaptiveGradAccumulation, {"max_accumulate_grad_batches": 0}, ValueError, r"got 0", r"max_accumulate_grad_batches=1 to never accumulate"),
+    (AdaptiveGradAccumulation, {"max_accumulate_grad_batches": 2.0}, TypeError, r"got 2\.0", r"an integer >= 1"),
+    (AdaptiveGradAccumulation, {"max_accumulate_grad_batches": True}, TypeError, r"got True", r"an integer >= 1"),
+    # the deprecated name of max_accumulate_grad_batches (it warns, then checks the same way)
+    (AdaptiveGradAccumulation, {"max_steps": 0}, ValueError, r"max_steps must be >= 1.*got 0", r"max_steps=1 to never accumulate"),
+    (AdaptiveGradAccumulation, {"max_steps": 3, "max_accumulate_grad_batches": 4}, TypeError, r"max_steps=3", r"pass only max_accumulate_grad_batches"),
     # DeltaWarmup
     (DeltaWarmup, {"warmup_fraction": -0.1}, ValueError, r"got -0\.1", r"use 0 for no warm-up"),
     (DeltaWarmup, {"warmup_fraction": 1.5}, ValueError, r"got 1\.5", r"use 0 for no warm-up"),
@@ -154,12 +157,13 @@ class NoMixin(L.LightningModule):
 
 
 FIT_TABLE = [
-    ("AdaptiveGradAccumulation without the mixin", NoMixin, AdaptiveGradAccumulation, TypeError,
-     r"got NoMixin", r"class NoMixin\(ASSoftmaxMixin, L\.LightningModule\).*self\.as_softmax_loss"),
+    ("AdaptiveGradAccumulation without counts", NoMixin, AdaptiveGradAccumulation, TypeError,
+     r"NoMixin\.training_step has no 'masked_count' and 'valid_count' \(it has \['loss'\]\)",
+     r"\"masked_count\": masked.*loss_and_stats.*class NoMixin\(ASSoftmaxMixin, L\.LightningModule\).*self\.as_softmax_loss"),
     ("DeltaWarmup without the mixin", NoMixin, DeltaWarmup, TypeError,
      r"got NoMixin", r"class NoMixin\(ASSoftmaxMixin, L\.LightningModule\).*self\.as_softmax_loss"),
-    ("LossAccuracyCorrelation without the mixin's keys", NoMixin, LossAccuracyCorrelation, KeyError,
-     r"logged no \['val/loss', 'val/acc', 'val/ce_loss'\].*'val_loss'", r"LossAccuracyCorrelation\(loss_key=.*ASSoftmaxMixin\.as_softmax_loss"),
+    ("LossAccuracyCorrelation without the mixin's keys", NoMixin, LossAccuracyCorrelation, RuntimeError,
+     r"reads 'val/loss', 'val/ce_loss', 'val/acc'.*logged \['val_loss'\]", r"ASSoftmaxMixin\.as_softmax_loss.*LossAccuracyCorrelation\(loss_key="),
     ("DeltaWarmup with a loss that has no delta", lambda: TinyClassifier(loss="softmax"), DeltaWarmup, ValueError,
      r"loss='softmax'", r"Remove the callback.*loss='as_softmax'"),
 ]

@@ -31,6 +31,7 @@ SLOW_PAGES = {
     "docs/cli.md",
     "docs/data.md",
     "docs/distributed.md",
+    "docs/huggingface.md",
     "docs/loss_accuracy_correlation.md",
     "docs/mixin.md",
 }

@@ -227,8 +227,9 @@ def test_logged_correlations_match_independent_formulas(tmp_path, info_lines):
 
     for i, logged in enumerate(recorder.logged):
         runs = i + 1
-        if runs < 3:
-            assert logged == {}
+        if runs < 3:  # undefined yet: the keys exist for monitors, as NaN
+            assert sorted(logged) == sorted(DEFAULT_NAMES)
+            assert all(math.isnan(v) for v in logged.values())
             continue
         assert sorted(logged) == sorted(DEFAULT_NAMES)
         seen = recorder.values[:runs]
@@ -268,7 +269,8 @@ def test_fewer_points_than_min_points_log_nothing_and_warn_nothing(tmp_path, rec
 
     assert len(callback.history) == epochs
     assert callback.correlations == {}
-    assert not [k for k in trainer.callback_metrics if k.endswith(("_pearson", "_spearman"))]
+    held = {k: v for k, v in trainer.callback_metrics.items() if k.endswith(("_pearson", "_spearman"))}
+    assert sorted(held) == sorted(DEFAULT_NAMES) and all(torch.isnan(v) for v in held.values())
     assert not [m for _, m in logger.calls if any(k.endswith("_pearson") for k in m)]
     assert correlation_warnings(recwarn) == []
     assert callback.compare().endswith(f"{epochs} validation runs recorded, at least {min_points} needed for a correlation")
@@ -276,13 +278,15 @@ def test_fewer_points_than_min_points_log_nothing_and_warn_nothing(tmp_path, rec
 
 def test_constant_series_are_undefined_not_logged_and_silent(tmp_path, recwarn):
     # lr=0: the weights never move, so loss and accuracy are identical at every validation run.
-    callback = LossAccuracyCorrelation(save_figure=False)
-    trainer = fit(tmp_path, [callback], epochs=4, model=BlobsMLP(lr=0.0))
+    callback, logger = LossAccuracyCorrelation(save_figure=False), RecordingLogger()
+    trainer = fit(tmp_path, [callback], epochs=4, model=BlobsMLP(lr=0.0), logger=logger)
 
     assert len({r["acc"] for r in callback.history}) == 1
     assert sorted(callback.correlations) == sorted(DEFAULT_NAMES)
     assert all(math.isnan(v) for v in callback.correlations.values())
-    assert not [k for k in trainer.callback_metrics if k.endswith(("_pearson", "_spearman"))]
+    held = {k: v for k, v in trainer.callback_metrics.items() if k.endswith(("_pearson", "_spearman"))}
+    assert sorted(held) == sorted(DEFAULT_NAMES) and all(torch.isnan(v) for v in held.values())
+    assert not [m for _, m in logger.calls if set(m) & set(DEFAULT_NAMES)]
     assert correlation_warnings(recwarn) == []
     assert callback.compare().count("undefined") == 4
 
@@ -448,9 +452,95 @@ def test_without_ce_key_only_the_loss_is_correlated(tmp_path):
     assert ";" not in callback.compare()
 
 
-def test_missing_key_is_a_clear_error(tmp_path):
-    with pytest.raises(KeyError, match=r"val/ce_loss.*ce_loss_key"):
-        fit(tmp_path, [LossAccuracyCorrelation(save_figure=False)], epochs=1, model=OwnNamesModule())
+class CountTrainingBatches(Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches += 1
+
+
+@pytest.mark.parametrize("sanity_steps", [2, 0])
+def test_missing_keys_fail_at_the_first_validation_run_with_what_to_log(tmp_path, sanity_steps):
+    # With a sanity check the error comes at its end, before any training batch; without one,
+    # at the end of the first validation run.
+    counter = CountTrainingBatches()
+    with pytest.raises(RuntimeError) as info:
+        fit(tmp_path, [LossAccuracyCorrelation(save_figure=False), counter], epochs=3,
+            model=OwnNamesModule(), num_sanity_val_steps=sanity_steps)
+    message = str(info.value)
+    assert "'val/loss', 'val/ce_loss', 'val/acc'" in message
+    assert "valid_accuracy" in message  # what the module does log
+    assert "loss_key=" in message and "as_softmax_loss" in message  # what to change
+    assert counter.batches == (0 if sanity_steps else 6)  # 6 batches per epoch
+
+
+# -- monitoring the correlations -------------------------------------------------------------------
+def expected_correlations(values: list[dict[str, float]], min_points: int = 3) -> list[float]:
+    """Pearson of the AS loss vs accuracy after each validation run; NaN before ``min_points``."""
+    acc = [v["acc"] for v in values]
+    loss = [v["loss"] for v in values]
+    return [pearson(loss[:r], acc[:r]) if r >= min_points else math.nan for r in range(1, len(values) + 1)]
+
+
+def test_early_stopping_monitors_a_correlation(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    _, (xv, yv) = blobs()
+    recorder = ValueRecorder(xv, yv)
+    stopper = EarlyStopping(monitor="val/loss_acc_pearson", mode="min", patience=3, check_finite=False)
+    trainer = fit(tmp_path, [LossAccuracyCorrelation(save_figure=False), recorder, stopper], epochs=30,
+                  model=BlobsMLP(lr=0.02))
+    runs = len(recorder.values)
+    # EarlyStopping's rule (patience 3, min_delta 0, mode min) replayed on independent values.
+    best, wait, stop_at = math.inf, 0, None
+    for run, value in enumerate(expected_correlations(recorder.values), start=1):
+        if value < best:
+            best, wait = value, 0
+        else:
+            wait += 1
+        if wait >= 3:
+            stop_at = run
+            break
+    assert stop_at is not None and stop_at > 3, "the task should stop early after the warm-up runs"
+    assert runs == stop_at < 30
+    assert trainer.should_stop
+    assert float(stopper.best_score) == pytest.approx(best, abs=1e-5)
+
+
+def test_model_checkpoint_monitors_a_correlation(tmp_path):
+    _, (xv, yv) = blobs()
+    recorder = ValueRecorder(xv, yv)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/loss_acc_pearson", mode="min", save_top_k=1,
+        filename="epoch{epoch}-pearson{val/loss_acc_pearson:.4f}", auto_insert_metric_name=False,
+    )
+    fit(tmp_path, [LossAccuracyCorrelation(save_figure=False), recorder, checkpoint], epochs=6)
+    values = expected_correlations(recorder.values)
+    best_run = min(range(2, 6), key=lambda r: values[r])
+    assert float(checkpoint.best_model_score) == pytest.approx(values[best_run], abs=1e-5)
+    files = [p.name for p in (tmp_path / "ckpt").rglob("*.ckpt")]
+    assert files == [f"epoch{best_run}-pearson{values[best_run]:.4f}.ckpt"]
+
+
+def test_monitoring_needs_arguments_that_wait_for_the_correlation(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    def stopper(**kwargs):
+        return EarlyStopping(monitor="val/loss_acc_pearson", **kwargs)
+
+    cases = [
+        ([LossAccuracyCorrelation(), stopper(check_finite=True, patience=3)], r"check_finite=False"),
+        ([LossAccuracyCorrelation(), stopper(check_finite=False, patience=2)], r"patience=2.*patience >= 3"),
+        # Checking at the end of validation, EarlyStopping must come after this callback.
+        ([stopper(check_finite=False, patience=3, check_on_train_epoch_end=False), LossAccuracyCorrelation()],
+         r"before EarlyStopping"),
+    ]
+    for callbacks, match in cases:
+        counter = CountTrainingBatches()
+        with pytest.raises(ValueError, match=match):
+            fit(tmp_path, [*callbacks, counter], epochs=2)
+        assert counter.batches == 0
 
 
 @pytest.mark.parametrize(

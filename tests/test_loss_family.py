@@ -49,10 +49,11 @@ KWARGS = {
     "as_softmax": {"delta": 0.2},
 }
 MASKING = {"sparsemax", "entmax15", "as_softmax"}
-# LOSS_NAMES as parameters, the entmax-backed ones skipped where the optional package is missing.
+# The members above as parameters, the entmax-backed ones skipped where the optional package is
+# missing; the large-margin members (their own heads) are tested in test_large_margin.py.
 NAMES = [
     pytest.param(name, marks=needs_entmax) if name in ("sparsemax", "entmax15") else name
-    for name in LOSS_NAMES
+    for name in KWARGS
 ]
 
 
@@ -135,9 +136,16 @@ def test_every_documented_name_is_built():
         "label_smoothing",
         "am_softmax",
         "as_softmax",
+        "l_softmax",
+        "sphereface",
+        "l2_softmax",
+        "normface",
+        "cosface",
+        "arcface",
+        "weighted_softmax",
     )
     for name in LOSS_NAMES:
-        module = build_loss(name, **KWARGS[name])
+        module = build_loss(name, **KWARGS.get(name, {}))
         assert isinstance(module, nn.Module)
         assert module.name == name
         assert module.ignore_index == IGNORE and module.reduction == "mean"
@@ -158,7 +166,7 @@ def test_unknown_name_lists_the_known_ones():
 def test_unexpected_kwargs_name_the_accepted_ones():
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) delta, k; 'sparsemax' accepts: ignore_index, reduction"):
         build_loss("sparsemax", k=3, delta=0.1)
-    with pytest.raises(TypeError, match="'am_softmax' accepts: scale, margin, ignore_index, reduction"):
+    with pytest.raises(TypeError, match="'am_softmax' accepts: scale, margin, delta, ignore_index, reduction"):
         build_loss("am_softmax", s=30)
 
 
@@ -414,12 +422,12 @@ def test_classifier_head_switches_to_cosines_for_am_softmax():
         [torch.stack([F.cosine_similarity(row, w, dim=0) for w in head.weight]) for row in x]
     )
     torch.testing.assert_close(head(x), expected)
-    for name in LOSS_NAMES:
+    for name in KWARGS:
         if name != "am_softmax":
             linear = classifier_head(8, 5, loss=name)
             assert type(linear) is nn.Linear and linear.out_features == 5
     with pytest.raises(ValueError, match="Known losses"):
-        classifier_head(8, 5, loss="arcface")
+        classifier_head(8, 5, loss="arc_face")
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         CosineClassifier(8, 0)
 
@@ -538,7 +546,7 @@ def test_mixin_keeps_the_as_softmax_behaviour_and_its_delta():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"loss": "arcface"}, ValueError, "Known losses: softmax, t_softmax"),
+        ({"loss": "arc_face"}, ValueError, "Known losses: softmax, t_softmax"),
         ({"loss": "sparse_softmax", "loss_kwargs": {"topk": 3}}, TypeError, "unexpected key.*topk.*accepts: k"),
         ({"loss": "sparse_softmax", "loss_kwargs": {"k": 0}}, ValueError, "k must be a positive int"),
         ({"loss": "as_softmax", "loss_kwargs": {"delta": 0.2}}, ValueError, "must not set delta"),

@@ -93,7 +93,7 @@ def _worker(out_dir: str) -> None:
             Path(out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
     correlation = LossAccuracyCorrelation(save_figure=False)
-    accumulation = AdaptiveGradAccumulation(lam=1.0, max_steps=3)
+    accumulation = AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=3)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

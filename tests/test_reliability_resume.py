@@ -121,7 +121,7 @@ def run(root: Path, name: str, *, checkpoints: Path, interrupt_at: int | None = 
     model = BundleClassifier(init_seed=init_seed)
     bundle = {
         "warmup": DeltaWarmup(warmup_fraction=0.5),
-        "accumulation": AdaptiveGradAccumulation(lam=1.0, max_steps=3),
+        "accumulation": AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=3),
         "correlation": LossAccuracyCorrelation(save_figure=False),
     }
     log = BatchLog()
@@ -307,12 +307,12 @@ def fit_with(tmp_path, model, callbacks, ckpt_path=None):
 def test_resume_inside_a_window_warns_and_steps_on_the_mean_of_the_batches_it_has(tmp_path):
     path = tmp_path / "inside.ckpt"
     stopper = SaveAndStopInsideWindow(path)
-    fit_with(tmp_path, RecordingClassifier(), [AdaptiveGradAccumulation(max_steps=2), stopper])
+    fit_with(tmp_path, RecordingClassifier(), [AdaptiveGradAccumulation(max_accumulate_grad_batches=2), stopper])
     epoch, batch_idx = stopper.saved_at
 
     model, seen = RecordingClassifier(init_seed=5), MicroBatches()
     with pytest.warns(UserWarning, match=r"inside an accumulation window, after 1 of its 2 micro-batches"):
-        fit_with(tmp_path, model, [AdaptiveGradAccumulation(max_steps=2), seen], ckpt_path=path)
+        fit_with(tmp_path, model, [AdaptiveGradAccumulation(max_accumulate_grad_batches=2), seen], ckpt_path=path)
     # The window {batch_idx, batch_idx + 1} resumes at its second micro-batch: the first one's
     # gradient is gone, and the step is the gradient of the one micro-batch it has, not half of it.
     first = seen.seen[0]

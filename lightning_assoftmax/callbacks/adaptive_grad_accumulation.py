@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, 
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_assoftmax.callbacks._checks import require_mixin
+from lightning_assoftmax.callbacks.step_outputs import training_step_counts
 from lightning_assoftmax.functional import next_accumulation_steps
 
 __all__ = ["AdaptiveGradAccumulation"]
@@ -34,7 +34,8 @@ class AdaptiveGradAccumulation(Callback):
 
     .. math:: k \leftarrow \min\bigl(\max(\mathrm{round}(\lambda / (1 - \rho)), k),\ k + 1,\ k_{\max}\bigr)
 
-    so ``k`` starts at 1, never shrinks, grows by at most one at a time and stops at ``max_steps``.
+    so ``k`` starts at 1 (at every fresh ``fit``), never shrinks, grows by at most one at a time
+    and stops at ``max_accumulate_grad_batches``.
     Fewer optimizer steps (and fewer scheduler and clipping steps) are taken, each over about as
     many non-zero-loss samples as one plain batch had.
 
@@ -53,17 +54,30 @@ class AdaptiveGradAccumulation(Callback):
       picks the same ``k`` (ranks that disagree on when to step would deadlock).
 
     A window with no non-ignored sample, or in which any process saw a non-finite training loss,
-    keeps the current ``k``. The module must use
-    :class:`~lightning_assoftmax.ASSoftmaxMixin` and compute its training loss with
-    ``self.as_softmax_loss`` (its ``as_softmax_last_stats`` is what is counted; if
-    ``training_step`` calls it several times, the last call of each batch counts).
+    keeps the current ``k``.
+
+    The counts come from the training step, in one of two ways:
+
+    * ``training_step`` returns ``{"loss": loss, "masked_count": m, "valid_count": v}`` (0-dim
+      integer tensors), from any module: ``loss, m, v = ASSoftmaxLoss(delta).loss_and_stats(logits,
+      target)`` or the functional ``as_softmax_loss_and_stats``;
+    * or the module uses :class:`~lightning_assoftmax.ASSoftmaxMixin` and computes its training
+      loss with ``self.as_softmax_loss``: the call made with ``log=True`` (the default) is
+      counted; give further calls in the same step (a second head, an auxiliary loss)
+      ``log=False``.
+
+    A module that provides neither is refused at its first training batch.
+
+    The counts stay on the device; the window's decision reads them on the host once per
+    optimizer step (one synchronisation per window, after the all-reduce), never per batch.
 
     Logs ``train/accumulate_grad_batches`` (the window size) at optimizer steps. When training ends it reports, on rank 0 and to the loggers (``train/optimizer_steps``,
     ``train/plain_optimizer_steps``), how many optimizer steps were taken against the one step
     per batch of a plain run; :meth:`summary` returns the same figures.
 
-    The state (current and pending ``k``, the open window's counts, the step counters) is saved
-    in checkpoints, so a resumed fit continues with the same windows, also from a checkpoint taken
+    Each ``fit`` that does not resume from a checkpoint starts afresh (``k = 1``, zero counters),
+    also with an instance reused from an earlier fit. The state (current and pending ``k``, the
+    open window's counts, the step counters) is saved in checkpoints, so a resumed fit continues with the same windows, also from a checkpoint taken
     mid-epoch at an optimizer step (``ModelCheckpoint(every_n_train_steps=...)``) when the data
     loader is resumable. Gradients are not part of a checkpoint: resuming from one taken in the
     middle of a window loses that window's first micro-batches, as with a fixed
@@ -85,21 +99,23 @@ class AdaptiveGradAccumulation(Callback):
     accumulation themselves (DeepSpeed), ``Trainer(accumulate_grad_batches != 1)``, a
     ``GradientAccumulationScheduler`` in the same Trainer, anything else changing
     ``trainer.accumulate_grad_batches`` during training (e.g. the BatchNorm epoch of
-    ``StochasticWeightAveraging``), and a module without the mixin.
+    ``StochasticWeightAveraging``), and a module that gives no counts.
 
     Args:
         lam: :math:`\lambda`, the wanted number of non-masked batches' worth of samples per step
             (paper: 1). Positive and finite.
-        max_steps: largest window size (reference code: 2). An integer ``>= 1``; 1 disables
-            accumulation.
+        max_accumulate_grad_batches: largest window size (the reference code's ``max_steps``: 2).
+            An integer ``>= 1``; 1 disables accumulation.
+        max_steps: deprecated name of ``max_accumulate_grad_batches`` (it collided with
+            ``Trainer(max_steps=...)``); accepted with a ``FutureWarning`` until the next release.
 
     Example::
 
-        trainer = L.Trainer(max_epochs=10, callbacks=[AdaptiveGradAccumulation(lam=1.0, max_steps=2)])
+        trainer = L.Trainer(max_epochs=10, callbacks=[AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=2)])
         trainer.fit(model)  # model: class MyModel(ASSoftmaxMixin, L.LightningModule)
     """
 
-    def __init__(self, lam: float = 1.0, max_steps: int = 2) -> None:
+    def __init__(self, lam: float = 1.0, max_accumulate_grad_batches: int = 2, *, max_steps: int | None = None) -> None:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)):
             raise TypeError(f"AdaptiveGradAccumulation: lam must be a positive number, got {lam!r}.")
         if not (lam > 0 and math.isfinite(lam)):
@@ -107,15 +123,31 @@ class AdaptiveGradAccumulation(Callback):
                 f"AdaptiveGradAccumulation: lam must be a positive finite number, got {lam!r}; "
                 "the paper uses lam=1 (one plain batch's worth of non-masked samples per step)."
             )
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int):
-            raise TypeError(f"AdaptiveGradAccumulation: max_steps must be an integer >= 1, got {max_steps!r}.")
-        if max_steps < 1:
+        name = "max_accumulate_grad_batches"
+        if max_steps is not None:
+            if max_accumulate_grad_batches != 2:
+                raise TypeError(
+                    f"AdaptiveGradAccumulation got both max_steps={max_steps!r} and "
+                    f"max_accumulate_grad_batches={max_accumulate_grad_batches!r}; pass only "
+                    "max_accumulate_grad_batches (max_steps is its deprecated name)."
+                )
+            rank_zero_warn(
+                "AdaptiveGradAccumulation(max_steps=...) is deprecated and will be removed in the next "
+                "release: it is the cap on the window size, unrelated to Trainer(max_steps=...). Use "
+                f"AdaptiveGradAccumulation(max_accumulate_grad_batches={max_steps!r}) instead.",
+                category=FutureWarning,
+            )
+            name, max_accumulate_grad_batches = "max_steps", max_steps
+        cap = max_accumulate_grad_batches
+        if isinstance(cap, bool) or not isinstance(cap, int):
+            raise TypeError(f"AdaptiveGradAccumulation: {name} must be an integer >= 1, got {cap!r}.")
+        if cap < 1:
             raise ValueError(
-                f"AdaptiveGradAccumulation: max_steps must be >= 1 (the largest window size), got {max_steps}; "
-                "use max_steps=1 to never accumulate, or 2 as in the reference code."
+                f"AdaptiveGradAccumulation: {name} must be >= 1 (the largest window size), got {cap}; "
+                f"use {name}=1 to never accumulate, or 2 as in the reference code."
             )
         self.lam = float(lam)
-        self.max_steps = int(max_steps)
+        self.max_accumulate_grad_batches = int(cap)
         self._warnings = WarningCache()
         self._reset_state()
 
@@ -148,7 +180,9 @@ class AdaptiveGradAccumulation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        require_mixin(pl_module, "AdaptiveGradAccumulation")
+        # A fresh fit starts at k=1 with zero counters, also for an instance reused from an earlier
+        # fit; a resumed fit then gets its state from the checkpoint (restored after setup).
+        self._reset_state()
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 "AdaptiveGradAccumulation needs automatic optimization: Lightning only accumulates gradients "
@@ -165,15 +199,13 @@ class AdaptiveGradAccumulation(Callback):
             raise ValueError(
                 f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) conflicts with "
                 "AdaptiveGradAccumulation, which sets it at every window. Remove the Trainer argument "
-                "(cap the window with AdaptiveGradAccumulation(max_steps=...) instead)."
+                "(cap the window with AdaptiveGradAccumulation(max_accumulate_grad_batches=...) instead)."
             )
         if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):
             raise ValueError(
                 "GradientAccumulationScheduler and AdaptiveGradAccumulation both set "
                 "trainer.accumulate_grad_batches; keep only one of them in Trainer(callbacks=...)."
             )
-        self._set_value = None
-        self._logged_k = None
 
     # -- the loop ---------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -194,7 +226,8 @@ class AdaptiveGradAccumulation(Callback):
         trainer.accumulate_grad_batches = self._set_value = self._k
         self._batch_idx = batch_idx
         self._stepped = False
-        pl_module.as_softmax_last_stats = None
+        if hasattr(pl_module, "as_softmax_last_stats"):  # ASSoftmaxMixin: a batch without a logging call reads None
+            pl_module.as_softmax_last_stats = None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
         self._stepped = True
@@ -224,13 +257,15 @@ class AdaptiveGradAccumulation(Callback):
             # Lightning re-sends an on_step value at every logging step until the epoch ends, so
             # logging k when it changes (and once per epoch) saves a `self.log` call per step,
             # about 0.3 ms on a CPU.
-            pl_module.log("train/accumulate_grad_batches", float(self._k), on_step=True, on_epoch=False, batch_size=1)
+            # A CPU tensor, not a float that Lightning would copy to the device (a synchronisation).
+            pl_module.log("train/accumulate_grad_batches", torch.tensor(float(self._k)), on_step=True, on_epoch=False, batch_size=1)
             self._logged_k = self._k
         counts = self._window_counts
         if counts is None:
             counts = torch.zeros(3, dtype=torch.long, device=pl_module.device)
         # Every rank reaches this point at the same batch (same k, same step timing), so the
         # collective cannot deadlock; afterwards all ranks hold the same numbers.
+        # The one host read of the window (allowed once per optimizer step), after the all-reduce.
         masked, valid, nonfinite = (int(v) for v in trainer.strategy.reduce(counts.clone(), reduce_op="sum").tolist())
         self._optimizer_steps += 1
         self._micro_batches += self._window_batches
@@ -239,7 +274,7 @@ class AdaptiveGradAccumulation(Callback):
         self._window_counts = None
         if nonfinite or valid == 0:
             return
-        wanted = next_accumulation_steps(masked / valid, self._k, self.lam, self.max_steps)
+        wanted = next_accumulation_steps(masked / valid, self._k, self.lam, self.max_accumulate_grad_batches)
         if wanted > self._k and (self._pending is None or wanted > self._pending):
             self._pending = wanted
 
@@ -270,7 +305,7 @@ class AdaptiveGradAccumulation(Callback):
         counts = [0, 0, 0] if self._window_counts is None else [int(v) for v in self._window_counts.tolist()]
         return {
             "lam": self.lam,
-            "max_steps": self.max_steps,
+            "max_accumulate_grad_batches": self.max_accumulate_grad_batches,
             "accumulate_grad_batches": self._k,
             "pending": self._pending,
             "window_batches": self._window_batches,
@@ -299,15 +334,18 @@ class AdaptiveGradAccumulation(Callback):
         self._optimizer_steps = int(state_dict.get("optimizer_steps", 0))
         self._micro_batches = int(state_dict.get("micro_batches", 0))
         self._window_sizes = Counter({int(k): int(v) for k, v in state_dict.get("window_sizes", {}).items()})
-        saved = (state_dict.get("lam", self.lam), state_dict.get("max_steps", self.max_steps))
-        if saved != (self.lam, self.max_steps):
+        cap = self.max_accumulate_grad_batches
+        # Checkpoints written before the rename hold the cap as "max_steps".
+        saved = (state_dict.get("lam", self.lam), state_dict.get("max_accumulate_grad_batches", state_dict.get("max_steps", cap)))
+        if saved != (self.lam, cap):
             rank_zero_warn(
-                f"AdaptiveGradAccumulation resumed with lam={self.lam}, max_steps={self.max_steps} from a "
-                f"checkpoint made with lam={saved[0]}, max_steps={saved[1]}; the new values apply from now on."
+                f"AdaptiveGradAccumulation resumed with lam={self.lam}, max_accumulate_grad_batches={cap} from a "
+                f"checkpoint made with lam={saved[0]}, max_accumulate_grad_batches={saved[1]}; the new values "
+                "apply from now on."
             )
-        if max(self._k, self._pending or 0) > self.max_steps:
+        if max(self._k, self._pending or 0) > cap:
             # Shrinking also has to wait for an aligned batch index, so it goes through `pending`.
-            self._pending = self.max_steps
+            self._pending = cap
 
     # -- internals --------------------------------------------------------------------------
     def _reset_state(self) -> None:
@@ -323,6 +361,7 @@ class AdaptiveGradAccumulation(Callback):
         self._optimizer_steps = 0
         self._micro_batches = 0
         self._window_sizes: Counter[int] = Counter()
+        self._counted_batches = 0
 
     def _check_not_overridden(self, trainer: pl.Trainer) -> None:
         if self._set_value is not None and trainer.accumulate_grad_batches != self._set_value:
@@ -335,7 +374,7 @@ class AdaptiveGradAccumulation(Callback):
 
     def _add_micro_batch(self, pl_module: pl.LightningModule, outputs: Any) -> None:
         self._window_batches += 1
-        stats = getattr(pl_module, "as_softmax_last_stats", None)
+        stats = training_step_counts(pl_module, outputs)
         device = pl_module.device
         if self._window_counts is None or self._window_counts.device != device:
             base = torch.zeros(3, dtype=torch.long, device=device)
@@ -343,12 +382,9 @@ class AdaptiveGradAccumulation(Callback):
                 base += self._window_counts.to(device)
             self._window_counts = base
         if stats is None:
-            self._warnings.warn(
-                "AdaptiveGradAccumulation: a training batch did not call `self.as_softmax_loss(...)`, so "
-                "its masked ratio is unknown and it counts as having no valid samples (a window without "
-                "valid samples keeps its size). Compute the training loss with `as_softmax_loss`."
-            )
+            self._no_counts(pl_module, outputs)
         else:
+            self._counted_batches += 1
             masked, valid = stats
             self._window_counts[_MASKED] += masked.to(device)
             self._window_counts[_VALID] += valid.to(device)
@@ -356,3 +392,25 @@ class AdaptiveGradAccumulation(Callback):
         if isinstance(loss, Tensor):
             # A NaN/inf loss must not be read as "confident": the window keeps its size.
             self._window_counts[_NONFINITE] += (~torch.isfinite(loss.detach())).any().to(device)
+
+    def _no_counts(self, pl_module: pl.LightningModule, outputs: Any) -> None:
+        from lightning_assoftmax.mixin import ASSoftmaxMixin
+
+        name = type(pl_module).__name__
+        if not isinstance(pl_module, ASSoftmaxMixin) and self._counted_batches == 0:
+            keys = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+            raise TypeError(
+                f"AdaptiveGradAccumulation needs the masked and valid sample counts of every training batch, "
+                f"but the output of {name}.training_step has no 'masked_count' and 'valid_count' (it has "
+                f"{keys}) and {name} does not use ASSoftmaxMixin. Either "
+                '(a) return {"loss": loss, "masked_count": masked, "valid_count": valid} from training_step, '
+                "e.g. with `loss, masked, valid = ASSoftmaxLoss(delta).loss_and_stats(logits, target)`, or (b) "
+                f"declare `class {name}(ASSoftmaxMixin, L.LightningModule)` and compute the loss with "
+                "`self.as_softmax_loss(logits, target)`."
+            )
+        self._warnings.warn(
+            "AdaptiveGradAccumulation: a training batch gave no masked/valid counts (no "
+            "`self.as_softmax_loss(..., log=True)` call, and no 'masked_count'/'valid_count' in the "
+            "training_step output), so it counts as having no valid samples (a window without valid "
+            "samples keeps its size)."
+        )

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_assoftmax.callbacks._checks import require_mixin
@@ -57,10 +58,16 @@ class DeltaWarmup(Callback):
         require_mixin(pl_module, "DeltaWarmup")
         loss = getattr(pl_module, "as_softmax_loss_name", "as_softmax")
         if loss != "as_softmax":
+            criterion = getattr(pl_module, "as_softmax_criterion", None)
+            why = (
+                "whose delta (set in loss_kwargs) stays fixed"
+                if hasattr(criterion, "delta")
+                else "which has no delta"
+            )
             raise ValueError(
                 f"DeltaWarmup schedules the AS-Softmax margin delta, but {type(pl_module).__name__} "
-                f"trains with loss={loss!r}, which has no delta. Remove the callback for this run "
-                "or use loss='as_softmax'."
+                f"trains with loss={loss!r}, {why}. Remove the callback for this run or use "
+                "loss='as_softmax'."
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -78,7 +85,9 @@ class DeltaWarmup(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         delta = self.delta_at(trainer.global_step, pl_module.as_softmax_target_delta)
         pl_module.as_softmax_delta = delta
-        pl_module.log("train/delta", delta, on_step=True, on_epoch=False, batch_size=1)
+        # A CPU tensor: Lightning turns a Python float into a tensor on the module's device, a
+        # host-to-device copy that waits for the GPU at every batch.
+        pl_module.log("train/delta", torch.tensor(delta), on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         pl_module.as_softmax_delta = pl_module.as_softmax_target_delta

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
@@ -51,9 +51,20 @@ class LossAccuracyCorrelation(Callback):
 
     Logged names append ``_<last part of acc_key>_<method>`` to each loss key; with the defaults:
     ``val/loss_acc_pearson``, ``val/ce_loss_acc_pearson``, ``val/loss_acc_spearman``,
-    ``val/ce_loss_acc_spearman``. They go into ``trainer.callback_metrics`` (so ``ModelCheckpoint``
-    and ``EarlyStopping`` can monitor them) and to every attached logger at the step of the validation values.
-    A correlation that is undefined (a constant or non-finite series) is not logged.
+    ``val/ce_loss_acc_spearman``. They go to every attached logger at the step of the validation
+    values, and into ``trainer.callback_metrics`` from the first validation run of the fit on, NaN
+    while undefined (fewer than ``min_points`` runs, a constant or non-finite series; loggers get
+    no value then), so that ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them:
+
+    * ``ModelCheckpoint(monitor="val/loss_acc_pearson", mode="min")`` works as is: Lightning ranks
+      a NaN score last, so the first defined correlation replaces a checkpoint saved before it.
+    * ``EarlyStopping(monitor="val/loss_acc_pearson", mode="min", check_finite=False,
+      patience=p)`` with ``p >= min_points``, listed after this callback: ``check_finite=True``
+      would stop at the first (NaN) run, and each NaN run counts as one without improvement.
+      Other settings are refused when the fit starts, with the fix in the message.
+
+    The keys are checked at the end of the sanity check (or of the first validation run without
+    one): a module that does not log them fails there, with the names it does log.
 
     At the end of training it logs one comparison sentence (``compare()``), e.g.
     ``validation AS loss vs accuracy: Pearson -0.95, Spearman -0.93; CE loss vs accuracy:
@@ -173,29 +184,41 @@ class LossAccuracyCorrelation(Callback):
             self._correlations = {}
             self.figure_path = None
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every callback's setup (EarlyStopping decides there when it checks), before the
+        # sanity check: a misconfigured monitor fails before any work is done.
+        self._check_monitors(trainer)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not on_validation_epoch_end: the module's own on_validation_epoch_end runs after the
         # callbacks' and may log the very values read here. Lightning forbids self.log in this
         # hook, so the results are written to callback_metrics and the loggers directly.
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.sanity_checking:
+            self._check_keys(trainer)  # fail now, not after the first training epoch
             return
         record = self._read_record(trainer)
         # Identical history on every rank even for values logged without sync_dist.
         record = trainer.strategy.broadcast(record, src=0)
         self._history.append(record)
+        names = [self.metric_name(loss, method) for loss in self.losses for method in _METHODS]
         if len(self._history) < self.min_points:
-            return
-        computed = self._compute(pl_module.device)
-        self._correlations = {
-            name: float("nan") if value is None else float(value) for name, value in computed.items()
-        }
+            computed: dict[str, Tensor | None] = dict.fromkeys(names)
+        else:
+            computed = self._compute(pl_module.device)
+            self._correlations = {
+                name: float("nan") if value is None else float(value) for name, value in computed.items()
+            }
+        # Undefined is NaN (never an earlier value): monitors always find the key, and
+        # ModelCheckpoint ranks NaN last. Loggers get defined values only.
+        nan = torch.tensor(float("nan"), device=pl_module.device)
+        trainer.callback_metrics.update(
+            {name: nan if value is None else value.float() for name, value in computed.items()}
+        )
         logged = {name: value.float() for name, value in computed.items() if value is not None}
-        for name, value in computed.items():
-            if value is None:  # an earlier value must not stand in for an undefined one
-                trainer.callback_metrics.pop(name, None)
         if not logged:
             return
-        trainer.callback_metrics.update(logged)
         trainer.logged_metrics.update(logged)
         scalars = {name: float(value) for name, value in logged.items()}
         # The step Lightning logs validation values at (one behind global_step at an epoch's end),
@@ -224,17 +247,59 @@ class LossAccuracyCorrelation(Callback):
         key = self.keys[role]
         return _DEFAULT_LABELS[role] if key == _DEFAULT_KEYS[role] else key
 
-    def _read_record(self, trainer: pl.Trainer) -> dict[str, float | int]:
+    def _check_monitors(self, trainer: pl.Trainer) -> None:
+        names = {self.metric_name(loss, method) for loss in self.losses for method in _METHODS}
+        own = trainer.callbacks.index(self) if self in trainer.callbacks else -1
+        for index, callback in enumerate(trainer.callbacks):
+            if not isinstance(callback, EarlyStopping) or callback.monitor not in names:
+                continue
+            call = f"EarlyStopping(monitor={callback.monitor!r})"
+            # EarlyStopping checks either at the end of the training epoch (after validation: any
+            # order works) or at the end of validation, where it must come after this callback.
+            if index < own and getattr(callback, "_check_on_train_epoch_end", None) is not True:
+                raise ValueError(
+                    f"{call} is listed before LossAccuracyCorrelation in Trainer(callbacks=[...]), so it "
+                    "would read the correlation before this callback computes it at the end of the "
+                    "validation run. List LossAccuracyCorrelation before EarlyStopping."
+                )
+            if callback.check_finite:
+                raise ValueError(
+                    f"{call} would stop training at the first validation run: the correlation is NaN "
+                    f"(undefined) until min_points={self.min_points} validation runs are recorded. "
+                    "Pass EarlyStopping(..., check_finite=False)."
+                )
+            if callback.patience < self.min_points:
+                raise ValueError(
+                    f"{call} with patience={callback.patience} would stop training before the "
+                    f"correlation exists: its first {self.min_points - 1} validation runs give NaN, which "
+                    f"EarlyStopping counts as no improvement. Use patience >= {self.min_points}, or "
+                    "LossAccuracyCorrelation(min_points=...) no larger than the patience."
+                )
+
+    def _check_keys(self, trainer: pl.Trainer) -> None:
         metrics = trainer.callback_metrics
-        missing = [key for key in self.keys.values() if key not in metrics]
-        if missing:
-            available = sorted(name for name in metrics if not name.startswith("train"))
-            raise KeyError(
-                f"LossAccuracyCorrelation: the validation run logged no {missing}; logged names: "
-                f"{available}. Pass the names your module logs, e.g. "
-                "LossAccuracyCorrelation(loss_key=..., ce_loss_key=... or None, acc_key=...), or "
-                "compute the loss with ASSoftmaxMixin.as_softmax_loss in validation_step."
+        missing = [self.keys[role] for role in ("loss", "ce_loss", "acc") if role in self.keys and self.keys[role] not in metrics]
+        if not missing:
+            return
+        logged = sorted(name for name in metrics if not name.startswith("train"))
+        hint = ""
+        suffixed = [name for name in logged if "/dataloader_idx_" in name]
+        if suffixed:
+            hint = (
+                " With several validation dataloaders Lightning appends /dataloader_idx_<n> to each name: "
+                "pick one, e.g. loss_key='val/loss/dataloader_idx_0'."
             )
+        raise RuntimeError(
+            f"LossAccuracyCorrelation reads {', '.join(repr(key) for key in missing)} at the end of every "
+            f"validation run, but the module logged {logged} there. Log them in validation_step: "
+            "ASSoftmaxMixin.as_softmax_loss(logits, target) logs val/loss, val/ce_loss and val/acc; or pass "
+            "the names your module logs: LossAccuracyCorrelation(loss_key=..., ce_loss_key=... or None, "
+            f"acc_key=...).{hint}"
+        )
+
+    def _read_record(self, trainer: pl.Trainer) -> dict[str, float | int]:
+        self._check_keys(trainer)
+        metrics = trainer.callback_metrics
         record: dict[str, float | int] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         record.update({role: float(metrics[key]) for role, key in self.keys.items()})
         return record

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_assoftmax.family.base import FamilyLoss
-from lightning_assoftmax.functional._checks import check_real
+from lightning_assoftmax.family.margin import (
+    CosineMarginLoss,
+    check_margin,
+    target_column,
+    with_target_column,
+)
 
-__all__ = ["AMSoftmaxLoss", "CosineClassifier"]
-
-# Cosines computed in half precision can overshoot 1 by a few ulps; raw logits overshoot by far more.
-_COSINE_SLACK = 1e-2
+__all__ = ["AMSoftmaxLoss", "CosFaceLoss", "CosineClassifier"]
 
 
 class CosineClassifier(nn.Module):
@@ -63,7 +64,7 @@ class CosineClassifier(nn.Module):
         return f"in_features={self.in_features}, num_classes={self.num_classes}"
 
 
-class AMSoftmaxLoss(FamilyLoss):
+class AMSoftmaxLoss(CosineMarginLoss):
     r"""Additive-margin softmax over cosine logits in ``[-1, 1]`` (Wang et al., 2018).
 
     Feed it the output of :class:`CosineClassifier` (``classifier_head(..., loss="am_softmax")``
@@ -73,6 +74,8 @@ class AMSoftmaxLoss(FamilyLoss):
     Args:
         scale: :math:`s > 0` (paper: 30).
         margin: :math:`m \ge 0` subtracted from the target cosine (paper: 0.35).
+        delta: ``None`` (default), or the AS-Softmax margin applied to the margin logits
+            :math:`s (c - m\,\mathbf{1}_t)` (see :class:`~lightning_assoftmax.family.MarginLoss`).
 
     Example:
         >>> import torch
@@ -83,38 +86,32 @@ class AMSoftmaxLoss(FamilyLoss):
     """
 
     name = "am_softmax"
+    scale_hint = "The paper uses 30."
 
     def __init__(
         self,
         scale: float = 30.0,
         margin: float = 0.35,
         *,
+        delta: float | None = None,
         ignore_index: int = -100,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(ignore_index=ignore_index, reduction=reduction)
-        self.scale = check_real(scale, "am_softmax: scale", low=0.0, hint="The paper uses 30.")
-        self.margin = check_real(
-            margin, "am_softmax: margin", low=0.0, low_inclusive=True, hint="The paper uses 0.35."
-        )
+        super().__init__(scale, delta=delta, ignore_index=ignore_index, reduction=reduction)
+        self.margin = check_margin(margin, f"{self.name}: margin", "The paper uses 0.35.")
 
-    def predictive_logits(self, logits: Tensor) -> Tensor:
-        return self.scale * logits
-
-    def row_losses(self, logits: Tensor, target: Tensor) -> Tensor:
-        margins = torch.zeros_like(logits).scatter_(1, target.unsqueeze(1), self.margin)
-        return F.cross_entropy(self.scale * (logits - margins), target, reduction="none")
-
-    def _check_rows(self, logits: Tensor) -> None:
-        if logits.numel() == 0:
-            return
-        largest = float(logits.detach().abs().amax())  # NaN compares False: it reaches the loss
-        if largest > 1.0 + _COSINE_SLACK:
-            raise ValueError(
-                f"am_softmax expects cosine logits in [-1, 1], got a logit of magnitude {largest:.4g}. "
-                "Give the model a cosine head: lightning_assoftmax.CosineClassifier(in_features, "
-                "num_classes), or classifier_head(in_features, num_classes, loss='am_softmax')."
-            )
+    def margin_logits(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> Tensor:
+        return self.scale * with_target_column(logits, target, target_column(logits, target) - self.margin)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, margin={self.margin}, {super().extra_repr()}"
+        return f"margin={self.margin}, {super().extra_repr()}"
+
+
+class CosFaceLoss(AMSoftmaxLoss):
+    r"""CosFace (Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR
+    2018, arXiv 1801.09414): the same loss as :class:`AMSoftmaxLoss`, :math:`s(\cos\theta_t - m)`
+    for the target, published at the same time; ``build_loss("cosface")`` is an alias with the
+    same defaults (the CosFace paper trains faces with :math:`s = 64`, :math:`m = 0.35`).
+    """
+
+    name = "cosface"

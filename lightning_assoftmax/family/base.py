@@ -2,9 +2,10 @@
 
 Each member sees the logits laid out as ``F.cross_entropy`` wants them (``(N, C)``,
 ``(N, C, d1, ...)`` or ``(C,)``) and an integer target, and only has to say how one row's loss is
-computed. The base class validates the input, keeps ignored positions out of the computation
-altogether (they get neither loss nor gradient, and a NaN in an ignored row stays harmless),
-reduces as ``F.cross_entropy`` does, and counts the rows whose loss is exactly zero.
+computed (and, if it needs more than the logits, which per-element inputs to read off them:
+:meth:`FamilyLoss.row_inputs`). The base class validates the input, keeps ignored positions out of
+the computation altogether (they get neither loss nor gradient, and a NaN in an ignored row stays
+harmless), reduces as ``F.cross_entropy`` does, and counts the rows whose loss is exactly zero.
 """
 
 from __future__ import annotations
@@ -51,12 +52,21 @@ class FamilyLoss(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = check_reduction(reduction)
 
-    def row_losses(self, logits: Tensor, target: Tensor) -> Tensor:
+    def row_losses(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> Tensor:
         """Loss of each row: logits ``(M, C)`` in float32/float64, target ``(M,)`` -> ``(M,)``.
 
-        Only non-ignored rows are passed, so every target is a valid class index.
+        Only non-ignored rows are passed, so every target is a valid class index. ``inputs`` are
+        the tensors of :meth:`row_inputs`, flattened to ``(M,)`` the same way.
         """
         raise NotImplementedError
+
+    def row_inputs(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Further per-element inputs of :meth:`row_losses`, each shaped like ``target``.
+
+        Called on the validated, unreshaped logits; none by default. The base class keeps the
+        non-ignored elements and casts them to the computation's dtype, as it does the logits.
+        """
+        return {}
 
     def predictive_logits(self, logits: Tensor) -> Tensor:
         """The logits whose softmax is the model's predicted distribution (identity by default).
@@ -75,11 +85,16 @@ class FamilyLoss(nn.Module):
         check_class_target(logits, target, self.ignore_index, self.name or type(self).__name__)
         z, t = class_rows(logits), target_rows(target)
         valid = t != self.ignore_index
-        z_valid = z[valid].to(compute_dtype(z.dtype))
+        dtype = compute_dtype(z.dtype)
+        z_valid = z[valid].to(dtype)
         t_valid = t[valid]
+        inputs = {
+            key: target_rows(value)[valid].to(dtype)
+            for key, value in self.row_inputs(logits, target).items()
+        }
         self._check_rows(z_valid)
         if z_valid.shape[0] > 0:
-            rows = self.row_losses(z_valid, t_valid)
+            rows = self.row_losses(z_valid, t_valid, **inputs)
         else:
             # Empty, but still attached to the graph: an all-ignored batch gives a loss of 0 that
             # backward() accepts (zero gradient) instead of a tensor without grad_fn.
@@ -91,6 +106,12 @@ class FamilyLoss(nn.Module):
             else:
                 masked = torch.zeros((), dtype=torch.long, device=valid_count.device)
         return self._reduce(rows, valid, target), masked, valid_count
+
+    def mean_weight(self, target: Tensor) -> Tensor:
+        """What ``reduction="mean"`` divides by for ``target`` (a detached 0-dim tensor): the
+        number of non-ignored elements. Batch means weighted by it average to the mean over all
+        the batches' elements (the mixin forms its epoch values so)."""
+        return (target != self.ignore_index).sum()
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return self.loss_and_stats(logits, target)[0]

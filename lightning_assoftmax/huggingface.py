@@ -1,0 +1,176 @@
+"""AS-Softmax for ``transformers.Trainer``: the loss, and the masked ratio in the Trainer's logs.
+
+Two ways in, both on the logits of a sequence- or token-classification model:
+
+* ``Trainer(..., compute_loss_func=ASSoftmaxLossFunc(delta=0.1))``: the loss only;
+* ``ASSoftmaxTrainer(..., delta=0.1)``: the same loss, plus ``masked_ratio`` in every training
+  log entry and ``<prefix>_masked_ratio`` (``eval_masked_ratio``) in the evaluation metrics, so
+  they reach ``trainer.state.log_history`` and every reporting integration.
+
+Needs ``transformers`` and ``accelerate`` (``pip install 'lightning-assoftmax[huggingface]'``); no
+Lightning import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_assoftmax.losses import ASSoftmaxLoss
+
+try:
+    from transformers import Trainer
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "lightning_assoftmax.huggingface needs the 'transformers' and 'accelerate' packages: "
+        "`pip install 'lightning-assoftmax[huggingface]'`."
+    ) from err
+
+__all__ = ["ASSoftmaxLossFunc", "ASSoftmaxTrainer"]
+
+
+class ASSoftmaxLossFunc:
+    """AS-Softmax loss in the form ``transformers.Trainer(compute_loss_func=...)`` calls it.
+
+    ``loss_func(outputs, labels, num_items_in_batch=None)`` takes the model's ``logits`` —
+    ``(N, C)`` for sequence classification, ``(N, L, C)`` for token classification — and integer
+    ``labels`` ``(N)`` / ``(N, L)`` with ``ignore_index`` for padding. It returns the loss summed
+    over the non-ignored labels and divided by ``num_items_in_batch`` (the Trainer's count of such
+    labels over all micro-batches of a gradient-accumulation step, and over all processes with
+    ``average_tokens_across_devices``), or their mean when that count is not given (evaluation):
+    the Trainer then treats the loss as already scaled for gradient accumulation, as it does for
+    any ``compute_loss_func``.
+
+    The masked and valid counts of every call are added to :attr:`counts` (tensors on the logits'
+    device; nothing is read on the host), which :class:`ASSoftmaxTrainer` turns into the logged
+    masked ratio.
+
+    Args:
+        delta: the AS-Softmax margin in ``[0, 1]`` (paper: 0.1; 1 is plain cross entropy).
+        ignore_index: label value to skip (Hugging Face's -100 by default).
+
+    Example::
+
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=train,
+                                       compute_loss_func=ASSoftmaxLossFunc(delta=0.1))
+    """
+
+    def __init__(self, delta: float = 0.1, ignore_index: int = -100) -> None:
+        self.criterion = ASSoftmaxLoss(delta, ignore_index=ignore_index, reduction="sum")
+        self.counts: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def delta(self) -> float:
+        return self.criterion.delta
+
+    def __call__(self, outputs: Any, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        if labels is None:
+            raise ValueError(
+                "ASSoftmaxLossFunc got labels=None: the batches must carry a 'labels' field (class "
+                "indices, -100 where ignored)."
+            )
+        if logits.dim() == labels.dim() + 1 and logits.dim() > 2:
+            logits = logits.movedim(-1, 1)  # (N, L, C) -> (N, C, L), the class dimension second
+        elif logits.dim() != labels.dim() + 1:
+            raise ValueError(
+                f"ASSoftmaxLossFunc takes logits (N, C) with labels (N) or logits (N, L, C) with labels "
+                f"(N, L), got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}."
+            )
+        total, masked, valid = self.criterion.loss_and_stats(logits, labels)
+        self.add_counts(masked, valid)
+        if num_items_in_batch is None:
+            return total / valid.clamp(min=1)
+        return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+
+    def add_counts(self, masked: Tensor, valid: Tensor) -> None:
+        if self.counts is None:
+            self.counts = (masked, valid)
+        else:
+            self.counts = (self.counts[0] + masked, self.counts[1] + valid)
+
+    def pop_counts(self) -> tuple[Tensor, Tensor] | None:
+        """The counts gathered since the last pop (``None`` if there were no calls), and reset."""
+        counts, self.counts = self.counts, None
+        return counts
+
+
+class ASSoftmaxTrainer(Trainer):
+    """``transformers.Trainer`` training with the AS-Softmax loss and logging the masked ratio.
+
+    Takes every ``Trainer`` argument, plus ``delta`` and ``ignore_index`` (see
+    :class:`ASSoftmaxLossFunc`, which it installs as ``compute_loss_func``). Logged:
+
+    * ``masked_ratio`` in every training log entry (each ``logging_steps``): masked / non-ignored
+      labels over the micro-batches since the previous entry, summed over processes;
+    * ``<metric_key_prefix>_masked_ratio`` in the metrics of ``evaluate()`` (``eval_masked_ratio``)
+      and ``predict()`` (``test_masked_ratio``), over the whole evaluation set.
+
+    The counts stay on the device between log entries; each entry reads them once, when the
+    Trainer reads its own loss.
+
+    Example::
+
+        trainer = ASSoftmaxTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, delta=0.1)
+        trainer.train()
+        [entry["masked_ratio"] for entry in trainer.state.log_history if "masked_ratio" in entry]
+    """
+
+    def __init__(self, *args: Any, delta: float = 0.1, ignore_index: int = -100, **kwargs: Any) -> None:
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "ASSoftmaxTrainer sets compute_loss_func itself (the AS-Softmax loss); drop the argument, "
+                "or use transformers.Trainer(compute_loss_func=...) for a loss of your own."
+            )
+        kwargs["compute_loss_func"] = ASSoftmaxLossFunc(delta, ignore_index)
+        super().__init__(*args, **kwargs)
+
+    @property
+    def as_softmax_loss_func(self) -> ASSoftmaxLossFunc:
+        return self.compute_loss_func
+
+    def _as_softmax_ratio(self, counts: tuple[Tensor, Tensor] | None) -> float | None:
+        """Masked / valid over all processes; ``None`` when no process made a loss call. Every
+        process takes part in the reduction, also one without counts."""
+        device = self.args.device
+        if counts is None:
+            local = torch.zeros(3, dtype=torch.long, device=device)
+        else:
+            local = torch.stack([counts[0].to(device), counts[1].to(device), torch.ones((), device=device)]).long()
+        masked, valid, calls = (int(v) for v in self.accelerator.reduce(local, reduction="sum").tolist())
+        if not calls:
+            return None
+        return masked / valid if valid else 0.0
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # A training entry holds the running "loss"; evaluation and end-of-training entries do not.
+        if "loss" in logs:
+            ratio = self._as_softmax_ratio(self.as_softmax_loss_func.pop_counts())
+            if ratio is not None:
+                logs["masked_ratio"] = ratio
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        loss_func = self.as_softmax_loss_func
+        training_counts = loss_func.pop_counts()  # an evaluation inside training: keep them apart
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            counts = loss_func.pop_counts()
+        finally:
+            loss_func.counts = training_counts
+        ratio = self._as_softmax_ratio(counts)
+        if ratio is not None:
+            output.metrics[f"{metric_key_prefix}_masked_ratio"] = ratio
+        return output
