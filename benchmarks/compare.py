@@ -392,6 +392,8 @@ def summarize(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, An
     rows = []
     for name in order:
         mine = [r for r in runs if r["config"] == name]
+        if not mine:  # an interrupted grid (--summarize-only)
+            continue
         row: dict[str, Any] = {"config": name, "label": mine[0]["label"], "seeds": len(mine)}
         for key in MEAN_STD_KEYS:
             row[key], row[f"{key}_std"] = mean_std([r.get(key, math.nan) for r in mine])
@@ -608,6 +610,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="skip the (configuration, seed) fits already in --out's runs.jsonl (same settings)",
     )
     parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="with --resume: write the tables of the fits in runs.jsonl, without running the missing ones",
+    )
+    parser.add_argument(
         "--sparse-k", type=int, default=None, help="k of sparse_softmax (default 3 on BBC News' 5 classes, else 10)"
     )
     parser.add_argument("--delta", type=float, default=0.1, help="AS-Softmax delta")
@@ -648,6 +655,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = list(dict.fromkeys(names))
     if args.resume and args.out is None:
         parser.error("--resume needs --out (the folder whose runs.jsonl to continue)")
+    if args.summarize_only and not args.resume:
+        parser.error("--summarize-only goes with --resume and --out (the journal to summarize)")
     if args.quick:
         args.epochs = 1
         args.seeds = args.seeds if args.seeds is not None else 1
@@ -724,7 +733,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Rotate the order per seed so that load drifts do not always hit the same configuration.
         shift = seed % len(names)
         for name in names[shift:] + names[:shift]:
-            if (name, seed) in done:
+            if (name, seed) in done or args.summarize_only:
                 continue
             run = run_once(name, seed, data, args)
             runs.append(run)
@@ -745,7 +754,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     table = markdown_table(rows)
     correlations = correlation_table(rows)
-    footer = f"{len(runs)} runs in {elapsed / 60:.1f} min (setup included{', resumed' if args.resume else ''})."
+    if args.summarize_only:
+        footer = f"{len(runs)} of {total} fits, read from {journal}."
+    else:
+        footer = f"{len(runs)} runs in {elapsed / 60:.1f} min (setup included{', resumed' if args.resume else ''})."
     as_speed = next((r for r in rows if r["config"] == AS_SPEED), None)
     if as_speed is not None and BASELINE in names:
         footer += (

