@@ -130,9 +130,10 @@ def test_missing_package_names_the_install_command(monkeypatch):
             cls(cache_dir="unused")
 
 
-def test_cli_builds_model_and_data_by_short_name(tmp_path_factory, monkeypatch):
+def test_cli_builds_model_and_data_by_short_name(tmp_path, tmp_path_factory, monkeypatch):
     from lightning_assoftmax.cli import ASSoftmaxCLI
 
+    monkeypatch.chdir(tmp_path)  # the CLI saves its config.yaml in the working directory
     monkeypatch.setenv("LIGHTNING_ASSOFTMAX_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
     monkeypatch.setattr(sys, "argv", ["lightning-assoftmax"])
     threads = torch.get_num_threads()
