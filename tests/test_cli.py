@@ -30,6 +30,8 @@ CONFIGS = {
     "bbc_news.yaml": ("TextClassifier", "BBCNews"),
     "bbc_news_minilm.yaml": ("TextClassifier", "BBCNews"),
     "bbc_tokens.yaml": ("TokenClassifier", "BBCNewsTokens"),
+    "clinc150.yaml": ("TextClassifier", "CLINC150"),
+    "clinc150_minilm.yaml": ("TextClassifier", "CLINC150"),
     "digits.yaml": ("ImageClassifier", "Digits"),
 }
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

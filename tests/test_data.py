@@ -234,3 +234,58 @@ def test_text_file_jsonl_errors(tmp_path):
         TextFile(_write(tmp_path / "e.txt", "x"))
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         TextFile(str(tmp_path / "nope.csv"))
+
+
+# -- process environment and where tokenization happens -------------------------------------------
+def test_loading_the_bundled_files_leaves_the_environment_alone(monkeypatch, tmp_path):
+    import os
+
+    from lightning_assoftmax._pretrained import (
+        BUNDLED_MINILM,
+        load_pretrained_encoder,
+        load_tokenizer,
+    )
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = dict(os.environ)
+    load_tokenizer(BUNDLED_MINILM)
+    load_pretrained_encoder(BUNDLED_MINILM)
+    datamodule = BBCNews(cache_dir=str(tmp_path), max_length=16)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    # A child process (a DDP worker) must see the same environment as its parent.
+    assert dict(os.environ) == before and "HF_HUB_OFFLINE" not in os.environ
+
+
+@pytest.mark.parametrize("cls", [BBCNews, BBCNewsTokens])
+def test_prepare_data_tokenizes_and_setup_only_reads(cls, tmp_path, monkeypatch):
+    from lightning_assoftmax.data._text import TextTokenizer
+
+    cls(cache_dir=str(tmp_path)).prepare_data()
+    assert len(list(tmp_path.glob("tokens-*.pt"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("setup tokenized instead of reading what prepare_data cached")
+
+    monkeypatch.setattr(TextTokenizer, "_encode_uncached", fail)
+    datamodule = cls(cache_dir=str(tmp_path))
+    datamodule.setup("fit")
+    assert len(datamodule.datasets["train"]) > 0
+
+
+def test_text_file_prepare_data_caches_every_split(tmp_path, monkeypatch):
+    from lightning_assoftmax.data._text import TextTokenizer
+
+    rows = "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(20))
+    train = _write(tmp_path / "train.csv", "text,label\n" + rows)
+    cache = tmp_path / "cache"
+    TextFile(train, val_fraction=0.2, cache_dir=str(cache)).prepare_data()
+    assert len(list(cache.glob("tokens-*.pt"))) == 2  # the held-out validation rows apart
+
+    def fail(*args, **kwargs):
+        raise AssertionError("setup tokenized instead of reading what prepare_data cached")
+
+    monkeypatch.setattr(TextTokenizer, "_encode_uncached", fail)
+    datamodule = TextFile(train, val_fraction=0.2, cache_dir=str(cache))
+    datamodule.setup("fit")
+    assert (len(datamodule.datasets["train"]), len(datamodule.datasets["val"])) == (16, 4)

@@ -144,7 +144,11 @@ class PadCollate:
 class TokenizedTextDataModule(SplitDataModule):
     """Shared plumbing of the text datamodules: tokenizer, cache, splits and dataloaders.
 
-    Subclasses fill ``self.datasets`` (keys ``train``, ``val``, ``test``, ``predict``) in ``setup``.
+    Subclasses list the texts they tokenize in ``_corpora`` and fill ``self.datasets`` (keys
+    ``train``, ``val``, ``test``, ``predict``) in ``setup``, encoding through ``_encode``.
+    ``prepare_data`` (which Lightning runs on one process per node, before ``setup`` on every
+    process) tokenizes into the on-disk cache, so that ``setup`` only reads it; ``setup`` called on
+    its own, without ``prepare_data``, tokenizes what the cache lacks.
 
     Attributes read by the CLI (and by a model you build yourself): ``vocab_size``,
     ``pad_token_id``, ``num_classes``, ``multilabel``.
@@ -185,6 +189,18 @@ class TokenizedTextDataModule(SplitDataModule):
     @property
     def pad_token_id(self) -> int:
         return self.text_tokenizer.pad_token_id
+
+    def _corpora(self) -> list[tuple[list[str], str]]:
+        """``(texts, progress label)`` of every list of texts that ``setup`` encodes."""
+        return []
+
+    def _encode(self, texts: list[str], desc: str) -> list[Tensor]:
+        return self.text_tokenizer.encode(texts, cache_dir=self.cache_dir, desc=desc)
+
+    def prepare_data(self) -> None:
+        """Tokenize every text into the cache (``cache_dir``); assigns no state."""
+        for texts, desc in self._corpora():
+            self._encode(texts, desc)
 
     def _collate(self) -> Any:
         return PadCollate(self.pad_token_id)

@@ -98,12 +98,15 @@ class BBCNews(TokenizedTextDataModule):
         self.num_classes = len(self.class_names)
         self.split_indices: dict[str, list[int]] = {}
 
+    def _corpora(self) -> list[tuple[list[str], str]]:
+        return [(load_bbc_news()[0], "Tokenizing BBC News")]
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         texts, labels, _ = load_bbc_news()
         tokenizer = self.text_tokenizer
-        ids = tokenizer.encode(texts, cache_dir=self.cache_dir, desc="Tokenizing BBC News")
+        ids = self._encode(texts, "Tokenizing BBC News")
         train, val, test = stratified_split_indices(labels, self.val_fraction, self.test_fraction, self.seed)
         self.split_indices = {"train": train, "val": val, "test": test}
         label_tensor = torch.tensor(labels, dtype=torch.long)

@@ -82,11 +82,14 @@ class BBCNewsTokens(TokenizedTextDataModule):
                 break
         return pairs
 
+    def _corpora(self) -> list[tuple[list[str], str]]:
+        return [(load_bbc_news()[0], "Tokenizing BBC News")]
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         texts, labels, _ = load_bbc_news()
-        ids = self.text_tokenizer.encode(texts, cache_dir=self.cache_dir, desc="Tokenizing BBC News")
+        ids = self._encode(texts, "Tokenizing BBC News")
         train, val, test = stratified_split_indices(labels, self.val_fraction, self.test_fraction, self.seed)
         self.split_indices = {"train": train, "val": val, "test": test}
         for split, indices in self.split_indices.items():

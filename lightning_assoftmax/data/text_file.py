@@ -255,10 +255,9 @@ class TextFile(TokenizedTextDataModule):
             target[row, [index[name] for name in names]] = 1.0
         return target
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        tokenizer = self.text_tokenizer
+    def _parts(self) -> dict[str, tuple[list[str], list[list[str]] | None]]:
+        """``split -> (texts, label names)``, the validation rows held out of the training file
+        when there is no ``val_file``."""
         parts: dict[str, tuple[list[str], list[list[str]] | None]] = {
             split: (rows.texts, rows.labels) for split, rows in self.files.items()
         }
@@ -271,9 +270,18 @@ class TextFile(TokenizedTextDataModule):
                 train, val, _ = stratified_split_indices(self.encode_labels(labels).tolist(), self.val_fraction, 0.0, self.seed)
             parts["train"] = ([texts[i] for i in train], [labels[i] for i in train])
             parts["val"] = ([texts[i] for i in val], [labels[i] for i in val])
-        for split, (texts, labels) in parts.items():
+        return parts
+
+    def _corpora(self) -> list[tuple[list[str], str]]:
+        return [(texts, f"Tokenizing {split} texts") for split, (texts, _) in self._parts().items() if texts]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        tokenizer = self.text_tokenizer
+        for split, (texts, labels) in self._parts().items():
             if not texts:
                 continue
-            ids = tokenizer.encode(texts, cache_dir=self.cache_dir, desc=f"Tokenizing {split} texts")
+            ids = self._encode(texts, f"Tokenizing {split} texts")
             encoded = [tokenizer.with_special_tokens(x, self.max_length) for x in ids]
             self.datasets[split] = EncodedTexts(encoded, self.encode_labels(labels) if labels is not None else None)
