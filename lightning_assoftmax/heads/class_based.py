@@ -49,8 +49,8 @@ class ClassBasedSoftmaxHead(TwoLevelHead):
         >>> head = ClassBasedSoftmaxHead(16, 100, class_counts=torch.arange(100, 0, -1))
         >>> head.num_clusters
         10
-        >>> head.log_prob(torch.randn(3, 16)).exp().sum(-1)
-        tensor([1.0000, 1.0000, 1.0000], grad_fn=<SumBackward1>)
+        >>> torch.allclose(head.log_prob(torch.randn(3, 16)).exp().sum(-1), torch.ones(3))
+        True
     """
 
     name = "class_based"

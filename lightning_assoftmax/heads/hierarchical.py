@@ -61,8 +61,8 @@ class HierarchicalSoftmaxHead(OutputHead):
         >>> head = HierarchicalSoftmaxHead(16, 5, tree=[[0, 1], [2, [3, 4]]])
         >>> head.tree.path_nodes[4], head.tree.path_signs[4]
         ([0, 2, 3], [-1.0, -1.0, -1.0])
-        >>> head.log_prob(torch.randn(2, 16)).exp().sum(-1)
-        tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
+        >>> torch.allclose(head.log_prob(torch.randn(2, 16)).exp().sum(-1), torch.ones(2))
+        True
     """
 
     name = "hierarchical"
