@@ -316,6 +316,10 @@ def training_part(args, data, counts, configs) -> list[dict]:
                 run_for(run, args.slice, budget, args, val_batches)
         done = ", ".join(f"{r.config.label} {r.steps}" for r in runs)
         print(f"  steps so far: {done}", flush=True)
+        if args.out:  # progress survives an interrupted run
+            progress = {r.config.label: r.evals for r in runs}
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, "training_progress.json").write_text(json.dumps(progress, indent=1))
 
     base = next(r for r in runs if r.config.label == BASELINE)
     base_ppl = base.evals[-1]["ppl"]

@@ -465,3 +465,47 @@ def test_docstring_examples_run(module):
     mod = importlib.import_module(f"lightning_assoftmax.heads.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# -- CUDA (skipped without a GPU) -----------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", list(HEAD_CONFIGS))
+def test_heads_on_cuda_match_the_cpu(config):
+    cpu = make_head(config)
+    cuda = make_head(config).cuda()
+    cuda.load_state_dict(cpu.state_dict())
+    hidden, target = mixed_batch(cpu, n=128)
+    target[3] = -100
+    torch.testing.assert_close(cuda.log_prob(hidden.cuda()).cpu(), cpu.log_prob(hidden))
+    assert torch.equal(cuda.predict(hidden.cuda()).cpu(), cpu.predict(hidden))
+    deltas = [None] if config in ("nce", "negative_sampling") else [None, 0.0, 0.1, 1.0]
+    fixed = torch.randint(0, V, (20,))
+    for delta in deltas:
+        extra = {"candidates": fixed} if config in ("sampled", "nce", "negative_sampling") else {}
+        extra_cuda = {k: v.cuda() for k, v in extra.items()}
+        h_cpu, h_cuda = hidden.clone().requires_grad_(), hidden.cuda().requires_grad_()
+        want = cpu.loss(h_cpu, target, delta=delta, reduction="none", **extra)
+        got = cuda.loss(h_cuda, target.cuda(), delta=delta, reduction="none", **extra_cuda)
+        torch.testing.assert_close(got.cpu(), want)
+        want.sum().backward()
+        got.sum().backward()
+        torch.testing.assert_close(h_cuda.grad.cpu(), h_cpu.grad)
+        for a, b in zip(cuda.parameters(), cpu.parameters(), strict=True):
+            torch.testing.assert_close(a.grad.cpu(), b.grad)
+        cuda.zero_grad(), cpu.zero_grad()
+    if config in ("sampled", "nce", "negative_sampling"):  # candidates drawn on the GPU
+        assert torch.isfinite(cuda.loss(hidden.cuda(), target.cuda())).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adaptive_on_cuda_under_autocast_equals_torch_in_float32():
+    reference = torch.nn.AdaptiveLogSoftmaxWithLoss(H, V, [8, 24, 40], div_value=2.0).cuda()
+    head = build_head("adaptive", H, V, cutoffs=[8, 24, 40], div_value=2.0).cuda()
+    head.load_state_dict(reference.state_dict())
+    hidden, target = torch.randn(256, H, device="cuda"), torch.randint(0, V, (256,), device="cuda")
+    exact = reference(hidden, target).loss
+    torch.testing.assert_close(head.loss(hidden, target), exact)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = head.loss(hidden, target, delta=0.1)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, head.loss(hidden, target, delta=0.1), rtol=2e-2, atol=2e-2)
