@@ -339,14 +339,21 @@ def test_all_ignored_batch_gives_zero_and_zero_gradients_everywhere(config):
     assert all(p.grad is not None and torch.all(p.grad == 0) for p in head.parameters())
 
 
-def test_adaptive_keeps_tail_clusters_without_targets_in_the_graph():
-    """Distributed data parallel expects a gradient for every parameter in every step."""
-    head = make_head("adaptive")
-    hidden, target = torch.randn(16, H, dtype=torch.float64), torch.randint(0, 8, (16,))  # shortlist only
+@pytest.mark.parametrize("config", list(HEAD_CONFIGS))
+def test_every_parameter_gets_a_gradient_when_the_batch_holds_one_frequent_class(config):
+    """Distributed data parallel expects a gradient for every parameter in every step; a batch of
+    the most frequent class alone leaves adaptive's tail clusters, or class_based's class weights
+    (a one-class cluster needs none), out of the computation."""
+    head = make_head(config)
+    top = int(torch.argmax(SHUFFLED)) if HEAD_CONFIGS[config][1].get("class_counts") is SHUFFLED else 0
+    hidden, target = torch.randn(16, H, dtype=torch.float64), torch.full((16,), top)
     head.loss(hidden, target).backward()
-    tail = [p for p in head.tail.parameters()]
-    assert all(p.grad is not None and torch.all(p.grad == 0) for p in tail)
-    assert head.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in head.parameters())
+    if config == "adaptive":
+        assert all(torch.all(p.grad == 0) for p in head.tail.parameters())
+        assert head.head.weight.grad.abs().sum() > 0
+    if config == "class_based":
+        assert torch.all(head.class_weight.grad == 0) and head.cluster_weight.grad.abs().sum() > 0
 
 
 def test_huffman_tree_has_the_optimal_expected_path_length():

@@ -79,7 +79,6 @@ class AdaptiveSoftmaxHead(TwoLevelHead):
     """
 
     name = "adaptive"
-    separate_cluster_parameters = True
 
     def __init__(
         self,
@@ -120,8 +119,8 @@ class AdaptiveSoftmaxHead(TwoLevelHead):
     def cluster_scores(self, cluster: int, hidden: Tensor) -> Tensor:
         return self.tail[cluster](hidden)
 
-    def cluster_parameters(self, cluster: int) -> list[nn.Parameter]:
-        return list(self.tail[cluster].parameters())
+    def unused_parameters(self, scored: set[int]) -> list[nn.Parameter]:
+        return [p for k in range(self.n_clusters) if k not in scored for p in self.tail[k].parameters()]
 
     def extra_repr(self) -> str:
         ordered = ", by class_counts" if self.permuted else ""

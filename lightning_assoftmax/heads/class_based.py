@@ -114,6 +114,13 @@ class ClassBasedSoftmaxHead(TwoLevelHead):
         bias = self.class_bias[start:end] if self.class_bias is not None else None
         return F.linear(hidden, self.class_weight[start:end], bias)
 
+    def unused_parameters(self, scored: set[int]) -> list[nn.Parameter]:
+        # All clusters share the class weights: unused only when no cluster was scored (every
+        # target in a one-class cluster, whose within-cluster probability is 1).
+        if scored:
+            return []
+        return [p for p in (self.class_weight, self.class_bias) if p is not None]
+
     def cluster_scorer(self) -> Callable[[int, Tensor], Tensor]:
         # One split per pass: its backward writes the class weights' gradient once, where a
         # slice per cluster would materialise a full-size gradient for each cluster.

@@ -38,10 +38,6 @@ __all__ = ["TwoLevelHead"]
 class TwoLevelHead(OutputHead):
     """Base of the two-level heads; subclasses provide :meth:`top_scores` and :meth:`cluster_scores`."""
 
-    #: Whether clusters own separate parameters, which then need a zero gradient in steps that
-    #: do not compute them (for distributed data parallel).
-    separate_cluster_parameters: bool = False
-
     def _init_layout(self, class_of_slot: Tensor, num_direct: int, bounds: list[int]) -> None:
         self.num_direct = num_direct
         self.cluster_bounds = list(bounds)  # [S, ..., V]: cluster k holds slots bounds[k]:bounds[k+1]
@@ -66,8 +62,9 @@ class TwoLevelHead(OutputHead):
         weights once per pass here)."""
         return self.cluster_scores
 
-    def cluster_parameters(self, cluster: int) -> list[nn.Parameter]:
-        """Parameters used by :meth:`cluster_scores` of ``cluster`` alone."""
+    def unused_parameters(self, scored: set[int]) -> list[nn.Parameter]:
+        """Parameters that no cluster in ``scored`` used: they get a zero gradient, since
+        distributed data parallel expects a gradient for every parameter in every step."""
         return []
 
     # -- the loss ------------------------------------------------------------------------------
@@ -116,12 +113,10 @@ class TwoLevelHead(OutputHead):
             losses = -log_p
         else:
             losses = self._as_losses(scorer, hidden, top, log_p, slot, cluster, blocks, delta, computed)
-        if self.separate_cluster_parameters:
-            bounds = self.cluster_bounds
-            scored = {k for k in computed if bounds[k + 1] - bounds[k] > 1}
-            if len(scored) < self.num_clusters:
-                unused = [p for k in range(self.num_clusters) if k not in scored for p in self.cluster_parameters(k)]
-                losses = losses + graph_anchor(unused, losses)
+        bounds = self.cluster_bounds
+        unused = self.unused_parameters({k for k in computed if bounds[k + 1] - bounds[k] > 1})
+        if unused:
+            losses = losses + graph_anchor(unused, losses)
         return losses
 
     def _as_losses(
