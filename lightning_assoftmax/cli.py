@@ -9,8 +9,8 @@ Examples::
 
 Model and data are chosen by class; short names resolve for every imported ``LightningModule``,
 ``LightningDataModule`` and ``Callback`` (the bundle's are imported here), full class paths for
-your own. The datamodule's ``num_classes``, ``vocab_size`` and ``multilabel`` are copied into the
-model's arguments of the same name. After ``fit`` a summary table is printed.
+your own. The datamodule's ``num_classes``, ``vocab_size``, ``multilabel`` and ``class_counts`` are
+copied into the model's arguments of the same name. After ``fit`` a summary table is printed.
 """
 
 from __future__ import annotations
@@ -51,8 +51,14 @@ from lightning_assoftmax.models import ImageClassifier, TextClassifier, TokenCla
 __all__ = ["ASSoftmaxCLI", "main", "run_summary"]
 
 # Datamodule attributes copied into the model's init arguments of the same name (when it has one),
-# with the value used when a datamodule lacks the attribute.
-MODEL_ARGS_FROM_DATA: dict[str, Any] = {"num_classes": None, "vocab_size": None, "multilabel": False}
+# with the value used when a datamodule lacks the attribute. ``class_counts`` feeds the
+# frequency-based output layers (``--model.head adaptive``).
+MODEL_ARGS_FROM_DATA: dict[str, Any] = {
+    "num_classes": None,
+    "vocab_size": None,
+    "multilabel": False,
+    "class_counts": None,
+}
 
 _SUMMARY_METRICS = ("val/acc", "val/loss", "val/ce_loss", "val/masked_ratio", "train/masked_ratio_epoch")
 _CORRELATION_METRICS = (

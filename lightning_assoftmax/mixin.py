@@ -4,7 +4,7 @@ inside any ``LightningModule``."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,17 @@ def _stage_keys(stage: str, masked_ratio: bool) -> tuple[str, ...]:
     return keys if stage == "train" else keys + ("ce_loss", "acc")
 
 
+class OutputLayer(Protocol):
+    """What :meth:`ASSoftmaxMixin.as_softmax_head_loss` needs of an output layer (the heads of
+    :mod:`lightning_assoftmax.heads` have it)."""
+
+    def loss_and_stats(
+        self, hidden: Tensor, target: Tensor, *, delta: float | None, ignore_index: int
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def log_prob(self, hidden: Tensor) -> Tensor: ...
+
+
 class ASSoftmaxMixin:
     """Adds ``as_softmax_loss(logits, target)`` and its logging to a ``LightningModule``.
 
@@ -100,6 +111,12 @@ class ASSoftmaxMixin:
     loss is computed in a ``Trainer``: from the datamodule's ``class_counts`` attribute (one count
     per class) when it has one, else in one pass over the training dataset (items that are dicts
     with ``"labels"`` or ``"label"``, or ``(inputs, ..., label)`` tuples).
+
+    A model whose output layer owns the class weights (a head of :mod:`lightning_assoftmax.heads`,
+    e.g. adaptive softmax) calls ``as_softmax_head_loss(head, hidden, target)`` instead: the head
+    computes the loss from the hidden states (with ``delta`` for ``loss="as_softmax"``, its own loss
+    for ``loss="softmax"``), and ``ce_loss`` and ``acc`` come from its exact distribution; the keys
+    are the same.
 
     Args:
         delta: the AS-Softmax margin in ``[0, 1]`` (paper: 0.1; 1 is plain cross entropy); used
@@ -209,6 +226,36 @@ class ASSoftmaxMixin:
             loss, masked, count = criterion.loss_and_stats(logits, target)
         if log and stage is not None:
             self._as_softmax_log(stage, loss, masked, count, logits, target)
+        return loss
+
+    def as_softmax_head_loss(self, head: OutputLayer, hidden: Tensor, target: Tensor, *, log: bool = True) -> Tensor:
+        """:meth:`as_softmax_loss` for an output layer that owns the class weights (see
+        :func:`lightning_assoftmax.heads.build_head`): the loss of hidden states ``(..., H)`` with
+        targets ``(...)``, logged under the same keys.
+
+        With ``loss="as_softmax"`` the head gets the current ``delta``, with ``loss="softmax"`` none
+        (its own training loss). ``<stage>/ce_loss`` and ``<stage>/acc`` come from the head's exact
+        ``log_prob``, never from a training approximation; training computes no ``log_prob``.
+        ``log`` as for :meth:`as_softmax_loss`.
+        """
+        if not isinstance(log, bool):
+            raise TypeError(f"as_softmax_head_loss: log must be True or False, got {log!r}.")
+        stage = self._as_softmax_stage()
+        delta = None
+        if self.as_softmax_loss_name == "as_softmax":
+            delta = self.as_softmax_delta if stage in (None, "train") else self.as_softmax_target_delta
+        loss, masked, count = head.loss_and_stats(
+            hidden, target, delta=delta, ignore_index=self.as_softmax_ignore_index
+        )
+        if not self.as_softmax_reports_masked:
+            masked = torch.zeros_like(masked)
+        if log and stage is not None:
+            log_p = None
+            if stage != "train":
+                with torch.no_grad():
+                    log_p = head.log_prob(hidden.detach()).flatten(0, -2)  # (M, C): rows, classes
+                target = target.reshape(-1)
+            self._as_softmax_log(stage, loss, masked, count, log_p, target, log_probs=True)
         return loss
 
     # -- internals --------------------------------------------------------------------------
@@ -333,8 +380,18 @@ class ASSoftmaxMixin:
             return None
 
     def _as_softmax_log(
-        self, stage: str, loss: Tensor, masked: Tensor, count: Tensor, logits: Tensor, target: Tensor
+        self,
+        stage: str,
+        loss: Tensor,
+        masked: Tensor,
+        count: Tensor,
+        logits: Tensor | None,
+        target: Tensor,
+        *,
+        log_probs: bool = False,
     ) -> None:
+        """Update and log the stage's metrics; ``logits`` may be ``None`` in training (unused
+        there), and ``log_probs`` says they are a head's normalised log-probabilities."""
         results = getattr(self._trainer, "_results", None)
         # The index Lightning's self.log appends as /dataloader_idx_<n> (None with one dataloader).
         dataloader_idx = getattr(results, "dataloader_idx", None)
@@ -356,7 +413,7 @@ class ASSoftmaxMixin:
                 self.as_softmax_last_stats = (masked_total, count_total)
             else:
                 self.as_softmax_last_stats = (masked, count)
-        names = self._as_softmax_stage_metrics(stage, dataloader_idx, logits)
+        names = self._as_softmax_stage_metrics(stage, dataloader_idx, loss if logits is None else logits)
         metrics = self.as_softmax_metrics
         on_step = stage == "train"
         # Tensors all the way: an all-ignored batch has count 0 and adds nothing (no Python test).
@@ -369,7 +426,11 @@ class ASSoftmaxMixin:
             updates["masked_ratio"] = ((), {"masked_count": masked, "valid_count": count})
         if stage != "train":
             logits, target = logits.detach(), target.detach()
-            ce = self._as_softmax_ce_sum(logits, target).float() / count.clamp(min=1)
+            if log_probs:
+                ce_sum = F.nll_loss(logits, target, ignore_index=self.as_softmax_ignore_index, reduction="sum")
+            else:
+                ce_sum = self._as_softmax_ce_sum(logits, target)
+            ce = ce_sum.float() / count.clamp(min=1)
             updates["ce_loss"] = ((ce, count), {})
             if self.as_softmax_multilabel:
                 updates["acc"] = (((logits > 0).long(), target.long()), {})

@@ -71,6 +71,17 @@ class BBCNewsTokens(TokenizedTextDataModule):
         """One class per token id: the tokenizer's vocabulary size."""
         return self.vocab_size
 
+    @property
+    def class_counts(self) -> list[int]:
+        """How often each class (token id) is a target in the training split, ``num_classes``
+        counts (for the frequency-based output layers, e.g. ``TokenClassifier(head="adaptive")``).
+        Reads the data (``setup``) on first use."""
+        self.setup("fit")
+        if "train" not in self.datasets:
+            return [0] * self.num_classes
+        targets = torch.cat(self.datasets["train"].targets)
+        return torch.bincount(targets, minlength=self.num_classes).tolist()
+
     def windows(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(inputs, targets)`` pairs of one article's ids, each of length ``<= seq_len``."""
         ids = ids.long()

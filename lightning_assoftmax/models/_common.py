@@ -1,11 +1,23 @@
-"""The optimizer shared by the ready-made models."""
+"""What the ready-made models share: the optimizer and the choice of output layer."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
+from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 
-__all__ = ["adamw"]
+from lightning_assoftmax.heads import (
+    HEADS,
+    OutputHead,
+    build_head,
+    check_head_name,
+    head_kwarg_names,
+)
+
+__all__ = ["adamw", "keep_class_counts_if_used", "output_head"]
 
 
 def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -22,3 +34,63 @@ def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam
     # step of the bag-of-embeddings model); it needs floating parameters on a CPU or CUDA device.
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def output_head(
+    owner: str,
+    in_features: int,
+    num_classes: int,
+    head: str,
+    head_kwargs: Mapping[str, Any] | None,
+    class_counts: Sequence[float] | None,
+    loss: str,
+    loss_kwargs: Mapping[str, Any],
+) -> OutputHead:
+    """The output layer ``head`` of a ready-made model whose mixin loss is ``loss``.
+
+    ``loss="as_softmax"`` trains the head with AS-Softmax (the mixin passes ``delta``),
+    ``loss="softmax"`` with the head's own loss; the ``dense`` head also takes any other member
+    of the softmax family. ``class_counts`` reach the heads that take them unless ``head_kwargs``
+    has its own.
+    """
+    check_head_name(head)
+    if head_kwargs is not None and not isinstance(head_kwargs, Mapping):
+        raise TypeError(f"{owner}: head_kwargs must be a mapping of keyword arguments for head {head!r}, got {head_kwargs!r}.")
+    kwargs = dict(head_kwargs or {})
+    accepted = head_kwarg_names(head)
+    if "loss" in kwargs or "loss_kwargs" in kwargs:
+        raise ValueError(
+            f"{owner}: set the loss with the model's loss= and loss_kwargs= options, not in head_kwargs."
+        )
+    if head == "dense":
+        if loss not in ("as_softmax", "softmax"):
+            kwargs.update(loss=loss, loss_kwargs=dict(loss_kwargs))
+    elif loss not in ("as_softmax", "softmax"):
+        raise ValueError(
+            f"{owner}: head {head!r} trains with its own objective; use loss='as_softmax' (AS-Softmax "
+            f"on the head, with delta) or loss='softmax' (the head's plain loss), got loss={loss!r}. "
+            "Other members of the softmax family need head='dense' (or head=None)."
+        )
+    elif loss == "as_softmax" and not HEADS[head].supports_delta:
+        raise ValueError(
+            f"{owner}: head {head!r} has no AS-Softmax form (it trains binary target-vs-noise "
+            "classifiers); use loss='softmax' with it."
+        )
+    if class_counts is not None and "class_counts" in accepted and "class_counts" not in kwargs:
+        kwargs["class_counts"] = class_counts
+    return build_head(head, in_features, num_classes, **kwargs)
+
+
+def keep_class_counts_if_used(
+    model: HyperparametersMixin, head: str | None, class_counts: Sequence[float] | None
+) -> list[int] | None:
+    """``class_counts`` as a list of ints if the output layer ``head`` takes them, else ``None``;
+    the model's saved hyperparameters get the same value (one count per class is a long list to
+    keep in every checkpoint and ``hparams.yaml`` of a model that never reads it)."""
+    used = head is not None and "class_counts" in head_kwarg_names(check_head_name(head))
+    value = [int(c) for c in class_counts] if used and class_counts is not None else None
+    for attribute in ("_hparams", "_hparams_initial"):
+        hparams = getattr(model, attribute, None)
+        if hparams is not None and "class_counts" in hparams:
+            hparams["class_counts"] = value
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -12,7 +13,7 @@ from lightning_assoftmax._pretrained import BUNDLED_MINILM, load_pretrained_enco
 from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import adamw
+from lightning_assoftmax.models._common import adamw, keep_class_counts_if_used, output_head
 
 __all__ = ["TextClassifier"]
 
@@ -38,6 +39,10 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
     ``labels``: (N) class indices, or (N, C) 0/1 floats with ``multilabel=True``.
     ``predict_step`` returns class indices (N), or a (N, C) bool tensor for multi-label.
 
+    ``head="<name>"`` replaces the final linear layer with an output layer of
+    :mod:`lightning_assoftmax.heads` (for many classes; single-label only); ``forward`` then
+    returns its exact log-probabilities (N, C).
+
     Args:
         num_classes: number of classes ``C``.
         vocab_size: size of the embedding table (the tokenizer's vocabulary); bag model only.
@@ -53,6 +58,12 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         weight_decay: AdamW weight decay on weight matrices.
         multilabel: targets are multi-hot; uses the multi-label AS-Softmax loss.
         delta: the AS-Softmax margin in [0, 1] (1 is plain softmax cross entropy).
+        head: None for a linear output layer, else a :func:`~lightning_assoftmax.heads.build_head`
+            name (``dense``, ``adaptive``, ``class_based``, ``hierarchical``, ``sampled``,
+            ``nce``); ``loss`` must then be ``"as_softmax"`` or ``"softmax"`` (``dense``: any).
+        head_kwargs: keywords of the head.
+        class_counts: training count of each class, for the heads that use frequencies; the CLI
+            takes it from the datamodule. Kept in the hyperparameters only when the head uses it.
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss`` (another member
             of the softmax family, e.g. ``"softmax"`` for the plain baseline), ``loss_kwargs``,
             ``ignore_index``.
@@ -73,11 +84,19 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         weight_decay: float = 0.01,
         multilabel: bool = False,
         delta: float = 0.1,
+        head: str | None = None,
+        head_kwargs: Mapping[str, Any] | None = None,
+        class_counts: Sequence[int] | None = None,
         **as_softmax_options: Any,
     ) -> None:
         super().__init__(delta=delta, multilabel=multilabel, **as_softmax_options)
         self.save_hyperparameters()
+        class_counts = keep_class_counts_if_used(self, head, class_counts)
         owner = type(self).__name__
+        if head is not None and self.as_softmax_multilabel:
+            raise ValueError(
+                f"{owner}: head={head!r} is a single-label output layer; use head=None with multilabel=True."
+            )
         check_positive_int(num_classes, f"{owner}: num_classes", _LINK_HINT)
         check_real(dropout, f"{owner}: dropout", low=0.0, high=1.0, low_inclusive=True)
         if pooling not in ("mean", "first"):
@@ -122,8 +141,16 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         if hidden_dim:
             layers += [nn.Linear(width, hidden_dim), nn.GELU(), nn.Dropout(dropout)]
             width = hidden_dim
-        # The loss picks its output layer (a cosine classifier for am_softmax).
-        layers.append(classifier_head(width, num_classes, loss=self.as_softmax_loss_name))
+        self.head_name = head
+        self.output: nn.Module | None = None
+        if head is None:
+            # The loss picks its output layer (a cosine classifier for am_softmax).
+            layers.append(classifier_head(width, num_classes, loss=self.as_softmax_loss_name))
+        else:
+            self.output = output_head(
+                owner, width, num_classes, head, head_kwargs, class_counts,
+                self.as_softmax_loss_name, self.as_softmax_loss_kwargs,
+            )
         self.head = nn.Sequential(*layers)
 
     def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -142,22 +169,34 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits (N, C) of token ids (N, L)."""
-        return self.head(self.features(input_ids, attention_mask))
+        """Logits (N, C) of token ids (N, L); with a head, its exact log-probabilities."""
+        out = self.head(self.features(input_ids, attention_mask))
+        return out if self.output is None else self.output(out)
 
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self(batch["input_ids"], batch.get("attention_mask"))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def _hidden(self, batch: dict[str, Tensor]) -> Tensor:
+        """The output layer's input (N, width) when the model has a head."""
+        return self.head(self.features(batch["input_ids"], batch.get("attention_mask")))
+
+    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+        if self.output is not None:
+            return self.as_softmax_head_loss(self.output, self._hidden(batch), batch["labels"])
         return self.as_softmax_loss(self._logits(batch), batch["labels"])
 
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._loss(batch)
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.as_softmax_loss(self._logits(batch), batch["labels"])
+        self._loss(batch)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.as_softmax_loss(self._logits(batch), batch["labels"])
+        self._loss(batch)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.output is not None:
+            return self.output.predict(self._hidden(batch))
         logits = self._logits(batch)
         return logits > 0 if self.as_softmax_multilabel else logits.argmax(dim=-1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import adamw
+from lightning_assoftmax.models._common import adamw, keep_class_counts_if_used, output_head
 
 __all__ = ["TokenClassifier"]
 
@@ -29,6 +30,11 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
     :class:`~lightning_assoftmax.data.BBCNewsTokens`) are skipped by the loss and the metrics.
     ``predict_step`` returns the argmax class of every position (N, L).
 
+    With ``head="<name>"`` the output layer is one of :mod:`lightning_assoftmax.heads` (e.g.
+    ``"adaptive"``) instead of a linear layer: it takes the GRU states (N, L, hidden) and never
+    computes most of the (N, L, C) scores in training; ``forward`` then returns the head's exact
+    log-probabilities (N, L, C), and the validation ``ce_loss`` and ``acc`` come from them.
+
     Args:
         num_classes: classes per token (30522 for next-token prediction over WordPiece ids).
         vocab_size: size of the input embedding table.
@@ -40,6 +46,14 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay on weight matrices.
         delta: the AS-Softmax margin in [0, 1].
+        head: None for a linear output layer, else a :func:`~lightning_assoftmax.heads.build_head`
+            name: ``dense``, ``adaptive``, ``class_based``, ``hierarchical``, ``sampled`` or
+            ``nce``. With a head, ``loss`` must be ``"as_softmax"`` (AS-Softmax on the head, exact
+            on the tree-shaped heads) or ``"softmax"`` (the head's own loss; the only choice for
+            ``nce``); ``dense`` takes any loss.
+        head_kwargs: keywords of the head (e.g. ``{"cutoffs": [2000, 10000]}``).
+        class_counts: training count of each class, for the heads that use frequencies; the CLI
+            takes it from the datamodule. Kept in the hyperparameters only when the head uses it.
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
             ``ignore_index``.
     """
@@ -56,10 +70,14 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         delta: float = 0.1,
+        head: str | None = None,
+        head_kwargs: Mapping[str, Any] | None = None,
+        class_counts: Sequence[int] | None = None,
         **as_softmax_options: Any,
     ) -> None:
         super().__init__(delta=delta, **as_softmax_options)
         self.save_hyperparameters()
+        class_counts = keep_class_counts_if_used(self, head, class_counts)
         owner = type(self).__name__
         if self.as_softmax_multilabel:
             raise ValueError(f"{owner}: multi-label targets are not supported per token; use multilabel=False.")
@@ -76,16 +94,28 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
             dropout=dropout if num_layers > 1 else 0.0,
         )
         self.dropout = nn.Dropout(dropout)
-        self.output = classifier_head(
-            hidden_dim * (2 if bidirectional else 1), num_classes, loss=self.as_softmax_loss_name
-        )
+        width = hidden_dim * (2 if bidirectional else 1)
+        self.head_name = head
+        if head is None:
+            self.output = classifier_head(width, num_classes, loss=self.as_softmax_loss_name)
+        else:
+            self.output = output_head(
+                owner, width, num_classes, head, head_kwargs, class_counts,
+                self.as_softmax_loss_name, self.as_softmax_loss_kwargs,
+            )
+
+    def features(self, input_ids: Tensor) -> Tensor:
+        """Hidden states (N, L, hidden) of token ids (N, L), the output layer's input."""
+        states, _ = self.rnn(self.dropout(self.embedding(input_ids)))
+        return self.dropout(states)
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        """Logits (N, L, C) of token ids (N, L)."""
-        states, _ = self.rnn(self.dropout(self.embedding(input_ids)))
-        return self.output(self.dropout(states))
+        """Logits (N, L, C) of token ids (N, L); with a head, its exact log-probabilities."""
+        return self.output(self.features(input_ids))
 
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+        if self.head_name is not None:
+            return self.as_softmax_head_loss(self.output, self.features(batch["input_ids"]), batch["labels"])
         logits = self(batch["input_ids"])
         return self.as_softmax_loss(logits.transpose(1, 2), batch["labels"])
 
@@ -99,6 +129,8 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         self._loss(batch)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.head_name is not None:
+            return self.output.predict(self.features(batch["input_ids"]))
         return self(batch["input_ids"]).argmax(dim=-1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
