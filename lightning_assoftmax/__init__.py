@@ -9,6 +9,7 @@ from lightning_assoftmax.callbacks import (
     AdaptiveGradAccumulation,
     DeltaWarmup,
     LossAccuracyCorrelation,
+    SkipMaskedSamples,
 )
 from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
 from lightning_assoftmax.losses import ASSoftmaxLoss, MultiLabelASSoftmaxLoss
@@ -26,6 +27,7 @@ __all__ = [
     "LossAccuracyCorrelation",
     "MaskedSampleRatio",
     "MultiLabelASSoftmaxLoss",
+    "SkipMaskedSamples",
     "__version__",
     "build_loss",
     "classifier_head",

@@ -3,5 +3,6 @@
 from lightning_assoftmax.callbacks.adaptive_grad_accumulation import AdaptiveGradAccumulation
 from lightning_assoftmax.callbacks.delta_warmup import DeltaWarmup
 from lightning_assoftmax.callbacks.loss_accuracy_correlation import LossAccuracyCorrelation
+from lightning_assoftmax.callbacks.skip_masked_samples import SkipMaskedSamples
 
-__all__ = ["AdaptiveGradAccumulation", "DeltaWarmup", "LossAccuracyCorrelation"]
+__all__ = ["AdaptiveGradAccumulation", "DeltaWarmup", "LossAccuracyCorrelation", "SkipMaskedSamples"]
