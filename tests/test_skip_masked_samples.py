@@ -539,3 +539,47 @@ def test_subset_datasets_and_sequential_order_are_supported():
     assert model.seen(0) == list(range(4, 16))
     assert model.seen(1) == list(range(8, 16))
     assert len(model.batches[0][1]) == 3
+
+
+# -- no host reads per batch ---------------------------------------------------------------------------------
+HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+
+
+def test_the_per_batch_path_reads_no_tensor_value_on_the_host(monkeypatch):
+    """On a GPU a host read (``.item()``, ``int(t)``, ``if t:``) waits for the device at every batch.
+    Without one, the Tensor methods that perform them are wrapped while the callback's per-batch
+    hooks and the mixin's flag recording run (the loss op they call is not watched)."""
+    reads: list[str] = []
+    state = {"depth": 0, "where": ""}
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def recording(tensor, *args, _name=name, _original=original, **kwargs):
+            if state["depth"]:
+                reads.append(f"{state['where']}: {_name}")
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recording)
+
+    def watched(owner, name, depth):
+        original = getattr(owner, name)
+
+        def run(*args, **kwargs):
+            outer = state["depth"], state["where"]
+            state["depth"], state["where"] = depth, name
+            try:
+                return original(*args, **kwargs)
+            finally:
+                state["depth"], state["where"] = outer
+
+        monkeypatch.setattr(owner, name, run)
+
+    for hook in ("on_train_batch_start", "on_train_batch_end"):
+        watched(SkipMaskedSamples, hook, 1)
+    watched(TinyClassifier, "_as_softmax_record_masked_samples", 1)
+    criterion = TinyClassifier().as_softmax_criterion
+    watched(type(criterion), "forward", 0)  # the loss op itself: not the glue's business
+    callback = SkipMaskedSamples()
+    trainer(max_epochs=4, callbacks=[callback]).fit(TinyClassifier(lr=0.1), DataLoader(blobs(96), batch_size=8, shuffle=True))
+    assert callback.summary()["batches_run"] < callback.summary()["full_batches"]
+    assert reads == []
