@@ -173,6 +173,17 @@ def test_the_samples_left_out_are_exactly_those_the_rule_says():
     assert model.seen(epochs - 1) == list(range(n)), "every sample is seen in the final full-data epoch"
 
 
+@pytest.mark.slow
+def test_worker_processes_keep_the_batches_in_order():
+    script = lambda e, i: i % 4 != 1  # noqa: E731
+    model = Scripted(script)
+    loader = DataLoader(indexed_data(24), batch_size=4, shuffle=True, num_workers=2, persistent_workers=True)
+    trainer(max_epochs=3, callbacks=[SkipMaskedSamples(max_rest=2)]).fit(model, loader)
+    assert model.seen(0) == list(range(24))
+    assert model.seen(1) == [i for i in range(24) if i % 4 == 1]
+    assert model.seen(2) == list(range(24))
+
+
 def test_summary_counts_batches_and_resting_samples():
     callback = SkipMaskedSamples(max_rest=2)
     model = fit_scripted(lambda e, i: i < 4, 12, 4, callback)

@@ -234,7 +234,7 @@ class SkipMaskedSamples(Callback):
                 "or training_step that drops, adds or reorders samples cannot be tracked."
             )
         # Non-blocking: the flags are read once per epoch, after one synchronisation.
-        self._pending.append((indices, flags.detach().to("cpu", non_blocking=True)))
+        self._pending.append((indices, flags.detach().to("cpu", non_blocking=True, copy=True)))
         self._batches_done = batch_idx + 1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
