@@ -29,7 +29,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss_speed.py
-	$(PY) benchmarks/as_speed.py
+	$(PY) benchmarks/as_speed_digits.py
+	$(PY) benchmarks/as_speed.py --data bbc_news
 	$(PY) benchmarks/compare.py --out runs/compare
 
 lint: $(STAMP)
