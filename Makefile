@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job: TextClassifier on BBC News with AdaptiveGradAccumulation and LossAccuracyCorrelation.
+# More options: make demo DEMO_ARGS="--trainer.callbacks+=SkipMaskedSamples"
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m lightning_assoftmax fit --config examples/bbc_news.yaml
+	$(PY) -m lightning_assoftmax fit --config examples/bbc_news.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check lightning_assoftmax tests examples benchmarks
