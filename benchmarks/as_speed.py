@@ -195,6 +195,7 @@ def run_once(arm: Arm, dataset: Dataset, data, seed: int, args: argparse.Namespa
         "seed": seed,
         "batches": probe.batches,
         "full_batches": skipping.summary()["full_batches"] if skipping else probe.batches,
+        "skip_epochs": skipping.summary()["epochs"] if skipping else None,
         "optimizer_steps": int(trainer.global_step),
         "train_seconds": probe.train_s,
         "train_cpu_seconds": probe.train_cpu_s,
