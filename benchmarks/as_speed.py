@@ -6,7 +6,7 @@ seed by seed, the order rotated per seed, the same seeds for every arm):
 
 * ``softmax``: plain cross entropy (the baseline);
 * ``as_softmax``: AS-Softmax, delta 0.1;
-* ``as_speed``: AS-Softmax + ``AdaptiveGradAccumulation(lam=1, max_steps=2)`` (fewer optimizer steps);
+* ``as_speed``: AS-Softmax + ``AdaptiveGradAccumulation(lam=1, max_accumulate_grad_batches=2)`` (fewer optimizer steps);
 * ``as_skip``: AS-Softmax + ``SkipMaskedSamples()`` (masked samples rest, epochs get shorter).
 
 on BBC News and, where the installed package has them, the harder intent sets Banking77 and
@@ -171,7 +171,7 @@ def run_once(arm: Arm, dataset: Dataset, data, seed: int, args: argparse.Namespa
     probe = Probe()
     callbacks: list[L.Callback] = [probe]
     if arm.accumulate:
-        callbacks.append(AdaptiveGradAccumulation(lam=1.0, max_steps=2))
+        callbacks.append(AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=2))
     skipping = SkipMaskedSamples(max_rest=args.max_rest, full_data_epochs=args.full_data_epochs) if arm.skip else None
     if skipping is not None:
         callbacks.append(skipping)

@@ -104,7 +104,7 @@ def run_once(config: Config, args: argparse.Namespace, seed: int) -> dict[str, f
     timer = EpochTimer()
     callbacks: list[L.Callback] = [timer]
     adaptive = (
-        AdaptiveGradAccumulation(lam=args.lam, max_steps=args.max_steps)
+        AdaptiveGradAccumulation(lam=args.lam, max_accumulate_grad_batches=args.max_accumulate_grad_batches)
         if config.adaptive
         else None
     )
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--lam", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=2)
+    parser.add_argument("--max-accumulate-grad-batches", type=int, default=2, help="cap on the window size")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1 keeps timings steady)"
     )
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> str:
 
     lines = [
         f"digits MLP (64-{args.hidden}-{args.hidden}-10), batch {args.batch_size}, {args.epochs} epochs, "
-        f"Adam lr {args.lr}, delta {args.delta}, lam {args.lam}, max_steps {args.max_steps}, "
+        f"Adam lr {args.lr}, delta {args.delta}, lam {args.lam}, max_accumulate_grad_batches {args.max_accumulate_grad_batches}, "
         f"{args.repeats} repeat(s), torch threads {args.threads}",
         "",
         "| run | optimizer steps | training batches | wall s/epoch | vs AS-Softmax | CPU s/epoch | vs AS-Softmax "

@@ -479,7 +479,7 @@ def test_reloading_the_dataloader_every_epoch_keeps_the_schedule():
 
 def test_it_composes_with_adaptive_grad_accumulation_and_delta_warmup():
     L.seed_everything(0, verbose=False)
-    accumulation, skipping = AdaptiveGradAccumulation(lam=1.0, max_steps=3), SkipMaskedSamples()
+    accumulation, skipping = AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=3), SkipMaskedSamples()
     model = TinyClassifier(lr=0.1)
     fit = trainer(max_epochs=6, callbacks=[DeltaWarmup(warmup_fraction=0.2), accumulation, skipping])
     fit.fit(model, DataLoader(blobs(160), batch_size=8, shuffle=True))
