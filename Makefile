@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job: TextClassifier on BBC News with AdaptiveGradAccumulation and LossAccuracyCorrelation.
+# More options: make demo DEMO_ARGS="--trainer.callbacks+=SkipMaskedSamples"
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m lightning_assoftmax fit --config examples/bbc_news.yaml
+	$(PY) -m lightning_assoftmax fit --config examples/bbc_news.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check lightning_assoftmax tests examples benchmarks
@@ -30,7 +32,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss_speed.py
-	$(PY) benchmarks/as_speed.py
+	$(PY) benchmarks/as_speed_digits.py
+	$(PY) benchmarks/as_speed.py --data bbc_news
 	$(PY) benchmarks/compare.py --out runs/compare
 
 lint: $(STAMP)

@@ -10,6 +10,7 @@ from lightning_assoftmax.callbacks import (
     DeltaWarmup,
     LossAccuracyCorrelation,
     MarginAnnealing,
+    SkipMaskedSamples,
 )
 from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
 from lightning_assoftmax.losses import ASSoftmaxLoss, LinearASSoftmaxLoss, MultiLabelASSoftmaxLoss
@@ -29,6 +30,7 @@ __all__ = [
     "MarginAnnealing",
     "MaskedSampleRatio",
     "MultiLabelASSoftmaxLoss",
+    "SkipMaskedSamples",
     "__version__",
     "build_loss",
     "classifier_head",

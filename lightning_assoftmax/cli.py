@@ -35,6 +35,7 @@ from lightning_assoftmax.callbacks import (  # noqa: F401
     DeltaWarmup,
     LossAccuracyCorrelation,
     MarginAnnealing,
+    SkipMaskedSamples,
 )
 from lightning_assoftmax.data import (  # noqa: F401
     CLINC150,
@@ -178,7 +179,8 @@ def _format(value: Any) -> str:
 
 def run_summary(trainer: L.Trainer) -> list[tuple[str, str]]:
     """Rows ``(name, value)`` describing a finished run: final validation metrics, the last
-    accumulation window, the loss/accuracy correlations and the files written ("n/a" if absent)."""
+    accumulation window, the training batches run (``SkipMaskedSamples``), the loss/accuracy
+    correlations and the files written ("n/a" if absent)."""
     metrics = trainer.callback_metrics
     rows = [(name, _format(metrics.get(name))) for name in _SUMMARY_METRICS]
     accumulation = next((cb for cb in trainer.callbacks if isinstance(cb, AdaptiveGradAccumulation)), None)
@@ -191,6 +193,14 @@ def run_summary(trainer: L.Trainer) -> list[tuple[str, str]]:
         rows.append(("optimizer steps", f"{taken} for {plain} batches{saved}"))
     else:
         rows += [("accumulation window", "n/a"), ("optimizer steps", "n/a")]
+    skipping = next((cb for cb in trainer.callbacks if isinstance(cb, SkipMaskedSamples)), None)
+    if skipping is not None:
+        batches = skipping.summary()
+        run, full = batches["batches_run"], batches["full_batches"]
+        saved = f" ({100.0 * batches['saved_share']:.0f}% fewer)" if full else ""
+        rows.append(("training batches", f"{run} of {full} with every sample{saved}"))
+    else:
+        rows.append(("training batches", "n/a"))
     rows.extend((name, _format(metrics.get(name))) for name in _CORRELATION_METRICS)
     csv_path = next(
         (Path(lg.experiment.metrics_file_path) for lg in trainer.loggers if isinstance(lg, CSVLogger)), None

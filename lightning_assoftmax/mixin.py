@@ -142,6 +142,14 @@ class ASSoftmaxMixin:
             ``AdaptiveGradAccumulation``. ``masked_count`` counts exactly-zero losses, and is 0
             for losses that cannot zero a sample out, so that accumulation stays at one batch
             per step for them.
+        as_softmax_track_masked_samples: when true (``SkipMaskedSamples`` sets it for the fit),
+            training calls also record ``as_softmax_last_masked_samples``.
+        as_softmax_last_masked_samples: bool ``(N,)`` on the logits' device, one flag per sample
+            of the latest training batch: its loss is exactly zero at every non-ignored position
+            (a sample whose positions are all ignored counts as masked: it has no gradient
+            either); all false for losses that cannot zero a sample out. Several calls in one
+            step are combined with a logical and, if the holder resets it to ``None`` between
+            steps (``SkipMaskedSamples`` does).
         as_softmax_criterion: the loss module (``None`` for multi-label targets).
     """
 
@@ -189,6 +197,8 @@ class ASSoftmaxMixin:
         self.as_softmax_metrics = nn.ModuleDict()
         self._as_softmax_logged_batch: tuple | None = None
         self._as_softmax_warned_twice = False
+        self.as_softmax_track_masked_samples = False
+        self.as_softmax_last_masked_samples: Tensor | None = None
 
     # -- public API -------------------------------------------------------------------------
     def as_softmax_loss(self, logits: Tensor, target: Tensor, *, log: bool = True) -> Tensor:
@@ -224,6 +234,8 @@ class ASSoftmaxMixin:
             if getattr(criterion, "needs_class_counts", False) and stage is not None:
                 criterion.set_class_counts(self._as_softmax_training_class_counts(logits))
             loss, masked, count = criterion.loss_and_stats(logits, target)
+        if stage == "train" and self.as_softmax_track_masked_samples:
+            self._as_softmax_record_masked_samples(logits, target, delta)
         if log and stage is not None:
             self._as_softmax_log(stage, loss, masked, count, logits, target)
         return loss
@@ -326,6 +338,33 @@ class ASSoftmaxMixin:
         return count_class_labels(
             (_label_of(item) for item in dataset), num_classes, self.as_softmax_ignore_index
         )
+    @torch.no_grad()
+    def _as_softmax_record_masked_samples(self, logits: Tensor, target: Tensor, delta: float) -> None:
+        """Per-sample masked flags of a training batch (for ``SkipMaskedSamples``), on the device.
+
+        A second, gradient-free evaluation of the same loss with ``reduction="none"``: it leaves
+        the training loss and its graph exactly as they are without the flags.
+        """
+        n = 1 if logits.dim() == 1 else logits.shape[0]
+        if not self.as_softmax_reports_masked:
+            flags = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        else:
+            criterion = self.as_softmax_criterion
+            if criterion is None:
+                rows = multilabel_as_softmax_loss(logits.detach(), target, delta, reduction="none")
+            else:
+                reduction, criterion.reduction = criterion.reduction, "none"
+                try:
+                    rows = criterion(logits.detach(), target)
+                finally:
+                    criterion.reduction = reduction
+            # Ignored positions have loss 0 under reduction="none": a sample is masked when all
+            # its non-ignored positions are.
+            flags = (rows.reshape(n, -1) == 0).all(dim=1)
+        previous = self.as_softmax_last_masked_samples
+        if previous is not None and previous.shape == flags.shape:
+            flags = previous & flags
+        self.as_softmax_last_masked_samples = flags
 
     def _as_softmax_stage(self) -> str | None:
         trainer = getattr(self, "_trainer", None)

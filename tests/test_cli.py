@@ -209,6 +209,17 @@ def test_fit_image_classifier_on_digits_learns_and_prints_summary(tmp_path, caps
     assert "vocab_size" not in loaded.hparams and loaded.hparams["num_classes"] == 10
 
 
+def test_skip_masked_samples_from_the_command_line(capsys):
+    args = ["--config", str(EXAMPLES / "digits.yaml"), "--trainer.max_epochs=4", "--trainer.callbacks+=SkipMaskedSamples"]
+    cli = _fit([*args, "--trainer.callbacks.max_rest=2"])
+    skipping = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "SkipMaskedSamples")
+    assert skipping.max_rest == 2
+    info = skipping.summary()
+    assert info["full_batches"] == 4 * 20 and info["batches_run"] < info["full_batches"]
+    row = _summary(capsys.readouterr().out)["training batches"]
+    assert row.startswith(f"{info['batches_run']} of 80 with every sample")
+
+
 def _accuracy(model, datamodule) -> float:
     model.eval()
     with torch.no_grad():
