@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -157,23 +158,29 @@ def format_table(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- data
 
 
-def single_label_batch(n: int, c: int, dtype, device, generator: torch.Generator):
-    logits = torch.randn(n, c, generator=generator)
-    target = torch.randint(0, c, (n,), generator=generator)
-    margin = torch.rand(n, generator=generator) * 2.0 * (torch.log(torch.tensor(float(c))) + 3.0)
-    logits[torch.arange(n), target] += margin
-    return logits.to(device=device, dtype=dtype), target.to(device)
+def single_label_batch(n: int, c: int, dtype, device, seed: int):
+    """Logits ``(n, c)`` drawn on ``device`` (no host-side work at large shapes) with a target
+    score raised by a random margin, so that a batch mixes masked and unmasked rows."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(n, c, generator=generator, device=device)
+    target = torch.randint(0, c, (n,), generator=generator, device=device)
+    scale = 2.0 * (math.log(c) + 3.0)
+    logits[torch.arange(n, device=device), target] += torch.rand(n, generator=generator, device=device) * scale
+    return logits.to(dtype), target
 
 
-def multi_label_batch(n: int, c: int, dtype, device, generator: torch.Generator):
-    logits = torch.randn(n, c, generator=generator)
+def multi_label_batch(n: int, c: int, dtype, device, seed: int):
+    """Logits ``(n, c)`` and 0/1 targets with 0 to 3 positives per row (fewer where drawn twice)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(n, c, generator=generator, device=device)
     positives = max(1, min(3, c // 3))
-    ranks = torch.rand(n, c, generator=generator).argsort(dim=1)
-    count = torch.randint(0, positives + 1, (n, 1), generator=generator)
-    target = (ranks < count).float()
-    margin = torch.rand(n, 1, generator=generator) * 2.0 * (torch.log(torch.tensor(float(c))) + 3.0)
+    columns = torch.randint(0, c, (n, positives), generator=generator, device=device)
+    count = torch.randint(0, positives + 1, (n, 1), generator=generator, device=device)
+    chosen = (torch.arange(positives, device=device) < count).float()
+    target = torch.zeros(n, c, device=device).scatter_(1, columns, chosen)
+    margin = torch.rand(n, 1, generator=generator, device=device) * 2.0 * (math.log(c) + 3.0)
     logits = logits + target * margin - (1 - target) * 0.5 * margin
-    return logits.to(device=device, dtype=dtype), target.to(device)
+    return logits.to(dtype), target
 
 
 # --------------------------------------------------------------------------- loss tables
@@ -225,12 +232,11 @@ def compare(
 
 
 def loss_tables(args, clock: Clock, shapes, dtypes) -> tuple[list[dict], list[dict]]:
-    generator = torch.Generator().manual_seed(0)
     single, multi = [], []
     for n, c in shapes:
         repeats = repeats_for(n * c, args.quick, args.device)
         for dtype in dtypes:
-            logits, target = single_label_batch(n, c, dtype, args.device, generator)
+            logits, target = single_label_batch(n, c, dtype, args.device, seed=n + c)
             masked = float(masked_sample_ratio(logits, target, args.delta))
             candidates = {
                 "cross_entropy": lambda z, t=target: F.cross_entropy(z, t),
@@ -254,7 +260,7 @@ def loss_tables(args, clock: Clock, shapes, dtypes) -> tuple[list[dict], list[di
                             "cross_entropy", torch_ops, logits, repeats, masked)
                 )
             del logits, target
-            logits, target = multi_label_batch(n, c, dtype, args.device, generator)
+            logits, target = multi_label_batch(n, c, dtype, args.device, seed=n + c + 1)
             masked = float(multilabel_masked_sample_ratio(logits, target, args.delta))
             candidates = {
                 "bce_with_logits": lambda z, t=target: F.binary_cross_entropy_with_logits(
@@ -275,10 +281,9 @@ def loss_tables(args, clock: Clock, shapes, dtypes) -> tuple[list[dict], list[di
 def layout_table(args, clock: Clock) -> list[dict]:
     """Token logits: ``(N, L, C)`` viewed as ``(N, C, L)``, and stored channel-second."""
     n, c, length = (2, 300, 16) if args.quick else (4, 30522, 128)
-    generator = torch.Generator().manual_seed(1)
     rows = []
     for name, token_major in (("(N, L, C).transpose(1, 2)", True), ("(N, C, L) stored", False)):
-        logits, target = single_label_batch(n * length, c, torch.float32, args.device, generator)
+        logits, target = single_label_batch(n * length, c, torch.float32, args.device, seed=1)
         logits = logits.view(n, length, c)
         logits = logits.contiguous() if token_major else logits.transpose(1, 2).contiguous()
         target = target.view(n, length)
@@ -438,10 +443,10 @@ def fused_candidates(device: str, delta: float) -> dict[str, Callable]:
 
 
 def fused_inputs(n: int, d: int, v: int, dtype, device: str):
-    generator = torch.Generator().manual_seed(3)
-    hidden = torch.randn(n, d, generator=generator) / d**0.5
-    weight = torch.randn(v, d, generator=generator)
-    target = torch.randint(0, v, (n,), generator=generator)
+    generator = torch.Generator(device=device).manual_seed(3)
+    hidden = torch.randn(n, d, generator=generator, device=device) / d**0.5
+    weight = torch.randn(v, d, generator=generator, device=device)
+    target = torch.randint(0, v, (n,), generator=generator, device=device)
     # Raise the target's score so that the batch mixes masked and unmasked tokens.
     weight[target[: n // 2]] += 2.0 * hidden[: n // 2]
     return (

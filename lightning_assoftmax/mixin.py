@@ -20,6 +20,7 @@ from lightning_assoftmax.family import (
     loss_kwarg_names,
 )
 from lightning_assoftmax.functional import (
+    linear_as_softmax_loss_and_stats,
     multilabel_as_softmax_loss,
     multilabel_as_softmax_loss_and_stats,
 )
@@ -238,6 +239,45 @@ class ASSoftmaxMixin:
             self._as_softmax_record_masked_samples(logits, target, delta)
         if log and stage is not None:
             self._as_softmax_log(stage, loss, masked, count, logits, target)
+        return loss
+
+    def as_softmax_linear_loss(
+        self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *, log: bool = True
+    ) -> Tensor:
+        """:meth:`as_softmax_loss` of the output layer ``F.linear(hidden, weight, bias)``, for many
+        classes: hidden states ``(..., H)``, ``weight`` ``(C, H)`` (an ``nn.Linear``'s), targets
+        ``(...)``.
+
+        In training with ``loss="as_softmax"`` or ``"softmax"`` (single-label) the logits are never
+        formed for the whole batch: :func:`~lightning_assoftmax.functional.linear_as_softmax_loss_and_stats`
+        works in row chunks, so the ``(..., C)`` logits and their gradient are not held in memory
+        (``softmax`` is AS-Softmax with ``delta=1``, the cross entropy). Validation and test form the
+        logits (without a graph) for ``ce_loss`` and ``acc``, as do the other losses and
+        ``SkipMaskedSamples`` (which needs per-sample flags). Logs the same keys; ``log`` as for
+        :meth:`as_softmax_loss`.
+        """
+        if not isinstance(log, bool):
+            raise TypeError(f"as_softmax_linear_loss: log must be True or False, got {log!r}.")
+        stage = self._as_softmax_stage()
+        fused = (
+            stage in (None, "train")
+            and not self.as_softmax_multilabel
+            and self.as_softmax_loss_name in ("as_softmax", "softmax")
+            and not (stage == "train" and self.as_softmax_track_masked_samples)
+        )
+        if not fused:
+            logits = F.linear(hidden, weight, bias)
+            if logits.dim() > 2:
+                logits = logits.movedim(-1, 1)  # (N, ..., C) -> (N, C, ...), as F.cross_entropy
+            return self.as_softmax_loss(logits, target, log=log)
+        delta = self.as_softmax_delta if self.as_softmax_loss_name == "as_softmax" else 1.0
+        loss, masked, count = linear_as_softmax_loss_and_stats(
+            hidden, weight, target, bias, delta, ignore_index=self.as_softmax_ignore_index
+        )
+        if not self.as_softmax_reports_masked:
+            masked = torch.zeros_like(masked)
+        if log and stage is not None:
+            self._as_softmax_log(stage, loss, masked, count, None, target)
         return loss
 
     def as_softmax_head_loss(self, head: OutputLayer, hidden: Tensor, target: Tensor, *, log: bool = True) -> Tensor:

@@ -165,3 +165,66 @@ def test_module_form_matches_the_reference_and_reports_counts():
     rows = reference_as_softmax(F.linear(x.detach(), w.detach(), b.detach()), target, 0.2, reduction="none")
     assert masked.item() == ((rows == 0) & (target != -100)).sum().item()
     assert valid.item() == (target != -100).sum().item()
+
+
+@pytest.mark.parametrize("loss_name", ["as_softmax", "softmax"])
+def test_token_classifier_trains_through_the_fused_layer(loss_name):
+    """TokenClassifier's training loss: the fused layer gives the loss and the parameter gradients
+    of the (N, C, L) logits' reference loss, and no saved tensor holds the (N, L, C) logits."""
+    from lightning_assoftmax.models import TokenClassifier
+
+    torch.manual_seed(0)
+    classes = 300
+    model = TokenClassifier(
+        num_classes=classes, vocab_size=50, embed_dim=16, hidden_dim=24, loss=loss_name, delta=0.3
+    ).double()
+    model.eval()  # no dropout: both passes see the same network
+    ids = torch.randint(0, 50, (4, 7))
+    labels = torch.randint(0, classes, (4, 7))
+    labels[0, :3] = -100
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused = model._loss({"input_ids": ids, "labels": labels})
+    fused.backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    logits_shapes = {(4, 7, classes), (4, classes, 7), (28, classes)}
+    assert not logits_shapes & set(shapes), shapes
+    model.zero_grad()
+    logits = model(ids)  # (N, L, C) through the same nn.Linear
+    delta = 0.3 if loss_name == "as_softmax" else 1.0
+    expected = reference_as_softmax(logits.reshape(-1, classes), labels.reshape(-1), delta, reduction="mean")
+    if loss_name == "softmax":
+        torch.testing.assert_close(expected, F.cross_entropy(logits.transpose(1, 2), labels))
+    expected.backward()
+    torch.testing.assert_close(fused, expected.detach())
+    for got, want in zip(fused_grads, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_token_classifier_fit_logs_the_mixin_keys_with_the_fused_layer(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_assoftmax.models import TokenClassifier
+
+    g = torch.Generator().manual_seed(0)
+    items = [
+        {"input_ids": torch.randint(0, 30, (6,), generator=g), "labels": torch.randint(0, 200, (6,), generator=g)}
+        for _ in range(16)
+    ]
+    loader = DataLoader(items, batch_size=4)
+    model = TokenClassifier(num_classes=200, vocab_size=30, embed_dim=8, hidden_dim=8, delta=0.5)
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, loader, loader)
+    metrics = trainer.callback_metrics
+    for key in ("train/loss_epoch", "train/masked_ratio_epoch", "val/loss", "val/ce_loss", "val/acc"):
+        assert torch.isfinite(metrics[key]), key
+    assert 0.0 <= float(metrics["train/masked_ratio_epoch"]) <= 1.0

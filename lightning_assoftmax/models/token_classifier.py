@@ -28,7 +28,10 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
     The logits (N, L, C) are passed to the loss as (N, C, L), the class dimension second as in
     ``F.cross_entropy``; targets (N, L) equal to ``ignore_index`` (default -100, the padding of
     :class:`~lightning_assoftmax.data.BBCNewsTokens`) are skipped by the loss and the metrics.
-    ``predict_step`` returns the argmax class of every position (N, L).
+    ``predict_step`` returns the argmax class of every position (N, L). In training with
+    ``loss="as_softmax"`` or ``"softmax"`` the linear layer and the loss are fused
+    (:meth:`~lightning_assoftmax.mixin.ASSoftmaxMixin.as_softmax_linear_loss`): the (N, L, C) logits
+    and their gradient are formed a chunk of rows at a time, never for the whole batch.
 
     With ``head="<name>"`` the output layer is one of :mod:`lightning_assoftmax.heads` (e.g.
     ``"adaptive"``) instead of a linear layer: it takes the GRU states (N, L, hidden) and never
@@ -116,6 +119,11 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
         if self.head_name is not None:
             return self.as_softmax_head_loss(self.output, self.features(batch["input_ids"]), batch["labels"])
+        if type(self.output) is nn.Linear:
+            # Training never holds the (N, L, C) logits (see as_softmax_linear_loss).
+            return self.as_softmax_linear_loss(
+                self.features(batch["input_ids"]), self.output.weight, batch["labels"], self.output.bias
+            )
         logits = self(batch["input_ids"])
         return self.as_softmax_loss(logits.transpose(1, 2), batch["labels"])
 
