@@ -673,7 +673,7 @@ def test_state_dict_round_trip_keeps_pending_and_open_window():
 
 # -- benchmark -------------------------------------------------------------------------------------------
 def test_benchmark_quick_smoke(monkeypatch):
-    path = Path(__file__).parents[1] / "benchmarks" / "as_speed.py"
+    path = Path(__file__).parents[1] / "benchmarks" / "as_speed_digits.py"
     spec = importlib.util.spec_from_file_location("as_speed_benchmark", path)
     benchmark = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up there
