@@ -457,25 +457,33 @@ def fused_inputs(n: int, d: int, v: int, dtype, device: str):
 
 
 def _fused_peak_child(name: str, n: int, d: int, v: int, delta: float) -> None:
-    """Child process of :func:`cpu_peak_rss`: one forward+backward (or nothing for "inputs")."""
+    """Child process of :func:`cpu_peak_rss`: one forward+backward (or nothing for "inputs"),
+    then prints the process's peak resident set (``VmHWM``, kB)."""
     hidden, weight, target = fused_inputs(n, d, v, torch.float32, "cpu")
     if name != "inputs":
         fused_candidates("cpu", delta)[name](hidden, weight, target).backward()
+    with open("/proc/self/status") as status:
+        print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
 
 
 def cpu_peak_rss(name: str, n: int, d: int, v: int, delta: float) -> int:
-    """Peak resident bytes of a fresh process that builds the inputs and runs ``name`` once."""
+    """Peak resident bytes of a fresh process that builds the inputs and runs ``name`` once.
+
+    Read by the child from its own ``/proc/self/status``: the ``ru_maxrss`` that ``wait4`` returns
+    would include the parent's resident set at the fork.
+    """
     code = (
         "import sys; sys.path[:0] = sys.argv[1:3]; import loss_speed; "
         f"loss_speed._fused_peak_child({name!r}, {n}, {d}, {v}, {delta})"
     )
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
-    process = subprocess.Popen([sys.executable, "-c", code, here, root])
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"the peak-memory run of {name!r} failed (status {status})")
-    return usage.ru_maxrss * 1024  # kilobytes on Linux
+    result = subprocess.run(
+        [sys.executable, "-c", code, here, root], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"the peak-memory run of {name!r} failed:\n{result.stderr[-2000:]}")
+    return int(result.stdout.split()[-1]) * 1024
 
 
 def fused_table(args, clock: Clock) -> list[dict] | None:
