@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import math
 from collections.abc import Sequence
 
@@ -12,11 +14,13 @@ from torch.utils.data import DataLoader
 __all__ = ["SplitDataModule", "check_fractions", "random_split_indices", "stratified_split_indices"]
 
 
-class SplitDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule, abc.ABC):
     """A datamodule whose splits live in ``self.datasets`` (``"train"``, ``"val"``, ``"test"``,
     optionally ``"predict"``); subclasses build one loader per split in ``_loader``."""
 
     datasets: dict
+
+    @abc.abstractmethod
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         raise NotImplementedError

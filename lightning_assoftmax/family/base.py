@@ -10,6 +10,8 @@ harmless), reduces as ``F.cross_entropy`` does, and counts the rows whose loss i
 
 from __future__ import annotations
 
+import abc
+
 from typing import ClassVar
 
 import torch
@@ -22,7 +24,7 @@ from lightning_assoftmax.ops import compute_dtype
 __all__ = ["FamilyLoss"]
 
 
-class FamilyLoss(nn.Module):
+class FamilyLoss(nn.Module, abc.ABC):
     """Base of the softmax-family losses built by :func:`~lightning_assoftmax.build_loss`.
 
     Subclasses implement :meth:`row_losses` on the non-ignored rows only and may override
@@ -51,6 +53,8 @@ class FamilyLoss(nn.Module):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}.")
         self.ignore_index = ignore_index
         self.reduction = check_reduction(reduction)
+
+    @abc.abstractmethod
 
     def row_losses(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> Tensor:
         """Loss of each row: logits ``(M, C)`` in float32/float64, target ``(M,)`` -> ``(M,)``.

@@ -22,6 +22,8 @@ the argmax is the head's).
 
 from __future__ import annotations
 
+import abc
+
 import math
 
 import torch.nn.functional as F
@@ -65,6 +67,8 @@ class MarginLoss(FamilyLoss):
     @property
     def produces_masked_samples(self) -> bool:  # type: ignore[override]
         return self._delta is not None
+
+    @abc.abstractmethod
 
     def margin_logits(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> Tensor:
         """The logits cross entropy is taken of: ``(M, C)`` rows, target ``(M,)`` -> ``(M, C)``."""

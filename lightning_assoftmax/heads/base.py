@@ -9,6 +9,8 @@ loss of valid rows, the full log-probabilities and the prediction are computed.
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -45,7 +47,7 @@ def graph_anchor(parameters: Iterable[nn.Parameter], like: Tensor) -> Tensor:
     return anchor
 
 
-class OutputHead(nn.Module):
+class OutputHead(nn.Module, abc.ABC):
     """Base of the output layers built by :func:`~lightning_assoftmax.heads.build_head`.
 
     Shapes: ``hidden`` is ``(..., in_features)`` and ``target`` its leading shape ``(...)`` of class
@@ -70,9 +72,12 @@ class OutputHead(nn.Module):
         self.num_classes = check_positive_int(num_classes, f"{owner}: num_classes")
 
     # -- what subclasses implement (on valid rows: hidden (M, H), targets in [0, V)) -------------
+    @abc.abstractmethod
     def row_losses(self, hidden: Tensor, target: Tensor, delta: float | None) -> Tensor:
         """Loss ``(M,)`` of each row (float32 for half inputs)."""
         raise NotImplementedError
+
+    @abc.abstractmethod
 
     def log_prob_rows(self, hidden: Tensor) -> Tensor:
         """Exact log-probabilities ``(M, V)`` of every class."""

@@ -18,6 +18,8 @@ Classes are stored in *slots*: slots ``[0, S)`` are the direct classes and clust
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Callable
 
 import torch
@@ -49,9 +51,12 @@ class TwoLevelHead(OutputHead):
         self.register_buffer("_bounds", torch.tensor(bounds, dtype=torch.long), persistent=False)
 
     # -- subclass hooks ------------------------------------------------------------------------
+    @abc.abstractmethod
     def top_scores(self, hidden: Tensor) -> Tensor:
         """Scores ``(M, S + K)`` of the direct classes, then of the clusters."""
         raise NotImplementedError
+
+    @abc.abstractmethod
 
     def cluster_scores(self, cluster: int, hidden: Tensor) -> Tensor:
         """Scores ``(m, size)`` of the classes of ``cluster`` (in slot order) for rows ``hidden``."""
