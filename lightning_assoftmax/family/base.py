@@ -11,7 +11,6 @@ harmless), reduces as ``F.cross_entropy`` does, and counts the rows whose loss i
 from __future__ import annotations
 
 import abc
-
 from typing import ClassVar
 
 import torch

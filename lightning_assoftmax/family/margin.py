@@ -23,7 +23,6 @@ the argmax is the head's).
 from __future__ import annotations
 
 import abc
-
 import math
 
 import torch.nn.functional as F

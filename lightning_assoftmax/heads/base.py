@@ -10,7 +10,6 @@ loss of valid rows, the full log-probabilities and the prediction are computed.
 from __future__ import annotations
 
 import abc
-
 from collections.abc import Iterable
 from typing import ClassVar
 

@@ -19,7 +19,6 @@ Classes are stored in *slots*: slots ``[0, S)`` are the direct classes and clust
 from __future__ import annotations
 
 import abc
-
 from collections.abc import Callable
 
 import torch
