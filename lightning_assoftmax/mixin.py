@@ -296,11 +296,26 @@ class ASSoftmaxMixin:
         delta = None
         if self.as_softmax_loss_name == "as_softmax":
             delta = self.as_softmax_delta if stage in (None, "train") else self.as_softmax_target_delta
+        # SkipMaskedSamples needs each sample's flag: the rows of this very call (a sampled head
+        # would draw other candidates in a second one), reduced here to the same mean.
+        track = stage == "train" and self.as_softmax_track_masked_samples
         loss, masked, count = head.loss_and_stats(
-            hidden, target, delta=delta, ignore_index=self.as_softmax_ignore_index
+            hidden,
+            target,
+            delta=delta,
+            ignore_index=self.as_softmax_ignore_index,
+            reduction="none" if track else "mean",
         )
         if not self.as_softmax_reports_masked:
             masked = torch.zeros_like(masked)
+        if track:
+            rows = loss
+            loss = rows.sum() / count.clamp(min=1).to(rows.dtype)
+            n = target.shape[0] if target.dim() else 1
+            flags = (rows.detach().reshape(n, -1) == 0).all(dim=1)
+            if not (self.as_softmax_reports_masked and head.counts_masked(delta)):
+                flags = torch.zeros_like(flags)
+            self._as_softmax_store_masked_samples(flags)
         if log and stage is not None:
             log_p = None
             if stage != "train":
@@ -401,6 +416,10 @@ class ASSoftmaxMixin:
             # Ignored positions have loss 0 under reduction="none": a sample is masked when all
             # its non-ignored positions are.
             flags = (rows.reshape(n, -1) == 0).all(dim=1)
+        self._as_softmax_store_masked_samples(flags)
+
+    def _as_softmax_store_masked_samples(self, flags: Tensor) -> None:
+        """Keep a batch's per-sample flags; a further loss call in the step ANDs its own in."""
         previous = self.as_softmax_last_masked_samples
         if previous is not None and previous.shape == flags.shape:
             flags = previous & flags

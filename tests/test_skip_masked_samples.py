@@ -594,3 +594,55 @@ def test_the_per_batch_path_reads_no_tensor_value_on_the_host(monkeypatch):
     trainer(max_epochs=4, callbacks=[callback]).fit(TinyClassifier(lr=0.1), DataLoader(blobs(96), batch_size=8, shuffle=True))
     assert callback.summary()["batches_run"] < callback.summary()["full_batches"]
     assert reads == []
+
+
+class FixedHidden(ASSoftmaxMixin, L.LightningModule):
+    """Training feeds stored hidden states to an output head (lightning_assoftmax.heads)."""
+
+    def __init__(self, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module):
+        super().__init__(delta=0.1)
+        self.hidden = nn.Parameter(hidden.clone())
+        self.targets = targets
+        self.head = head
+        self.flags: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.losses: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        (idx,) = batch
+        loss = self.as_softmax_head_loss(self.head, self.hidden[idx], self.targets[idx])
+        self.flags.append((idx.clone(), self.as_softmax_last_masked_samples.clone()))
+        self.losses.append((idx.clone(), loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_head_loss_gives_the_flags_of_the_exact_distribution():
+    """With an output head, a sample is flagged when AS-Softmax of the head's exact distribution
+    (as_softmax_cross_entropy of log_prob, the reference) is zero; the mean loss is unchanged."""
+    from lightning_assoftmax.heads import build_head
+
+    torch.manual_seed(0)
+    n, width, classes = 24, 8, 12
+    head = build_head("class_based", width, classes, num_clusters=3)
+    hidden = 4.0 * torch.randn(n, width)
+    with torch.no_grad():
+        targets = head.log_prob(hidden).argmax(dim=1)  # confident rows end up masked
+    targets[::3] = torch.randint(classes, (len(targets[::3]),))
+    targets[5] = -100
+    with torch.no_grad():
+        rows = reference_as_softmax(head.log_prob(hidden), targets, 0.1, reduction="none")
+    want = rows == 0
+    assert 0 < int(want.sum()) < n
+    model = FixedHidden(hidden, targets, head)
+    trainer(max_epochs=1, callbacks=[SkipMaskedSamples()]).fit(
+        model, DataLoader(TensorDataset(torch.arange(n)), batch_size=4)
+    )
+    idx = torch.cat([i for i, _ in model.flags])
+    flags = torch.cat([f for _, f in model.flags])[torch.argsort(idx)]
+    assert flags.tolist() == want.tolist()
+    for batch_idx, loss in model.losses:
+        with torch.no_grad():
+            expected = head.loss(hidden[batch_idx], targets[batch_idx], delta=0.1)
+        torch.testing.assert_close(loss, expected)
