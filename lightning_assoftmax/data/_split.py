@@ -20,9 +20,8 @@ class SplitDataModule(L.LightningDataModule, abc.ABC):
     datasets: dict
 
     @abc.abstractmethod
-
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        raise NotImplementedError
+        """The loader of ``self.datasets[split]``, shuffled for training."""
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -54,14 +54,12 @@ class FamilyLoss(nn.Module, abc.ABC):
         self.reduction = check_reduction(reduction)
 
     @abc.abstractmethod
-
     def row_losses(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> Tensor:
         """Loss of each row: logits ``(M, C)`` in float32/float64, target ``(M,)`` -> ``(M,)``.
 
         Only non-ignored rows are passed, so every target is a valid class index. ``inputs`` are
         the tensors of :meth:`row_inputs`, flattened to ``(M,)`` the same way.
         """
-        raise NotImplementedError
 
     def row_inputs(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Further per-element inputs of :meth:`row_losses`, each shaped like ``target``.

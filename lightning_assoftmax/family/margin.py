@@ -68,10 +68,8 @@ class MarginLoss(FamilyLoss):
         return self._delta is not None
 
     @abc.abstractmethod
-
     def margin_logits(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> Tensor:
         """The logits cross entropy is taken of: ``(M, C)`` rows, target ``(M,)`` -> ``(M, C)``."""
-        raise NotImplementedError
 
     def row_losses(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> Tensor:
         margin = self.margin_logits(logits, target, **inputs)

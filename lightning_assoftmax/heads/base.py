@@ -74,13 +74,10 @@ class OutputHead(nn.Module, abc.ABC):
     @abc.abstractmethod
     def row_losses(self, hidden: Tensor, target: Tensor, delta: float | None) -> Tensor:
         """Loss ``(M,)`` of each row (float32 for half inputs)."""
-        raise NotImplementedError
 
     @abc.abstractmethod
-
     def log_prob_rows(self, hidden: Tensor) -> Tensor:
         """Exact log-probabilities ``(M, V)`` of every class."""
-        raise NotImplementedError
 
     def predict_rows(self, hidden: Tensor) -> Tensor:
         """Most probable class ``(M,)``; by default the argmax of :meth:`log_prob_rows` in blocks of

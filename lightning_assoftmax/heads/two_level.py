@@ -53,13 +53,10 @@ class TwoLevelHead(OutputHead):
     @abc.abstractmethod
     def top_scores(self, hidden: Tensor) -> Tensor:
         """Scores ``(M, S + K)`` of the direct classes, then of the clusters."""
-        raise NotImplementedError
 
     @abc.abstractmethod
-
     def cluster_scores(self, cluster: int, hidden: Tensor) -> Tensor:
         """Scores ``(m, size)`` of the classes of ``cluster`` (in slot order) for rows ``hidden``."""
-        raise NotImplementedError
 
     def cluster_scorer(self) -> Callable[[int, Tensor], Tensor]:
         """:meth:`cluster_scores` for one pass over the clusters (a subclass may prepare its
