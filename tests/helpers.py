@@ -124,3 +124,16 @@ class EpochSeededLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (state["epoch"], state["consumed"])
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())

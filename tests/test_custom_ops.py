@@ -30,6 +30,7 @@ from lightning_assoftmax.ops import (
     multilabel_as_softmax_rows,
 )
 from lightning_assoftmax.ops import single_label as single_label_ops
+from tests.helpers import saved_bytes
 
 
 def _single(n: int, c: int, dtype=torch.float32, seed: int = 0, ignore: float = 0.2):
@@ -323,17 +324,7 @@ def test_backward_allocates_no_second_gradient():
 
 
 def test_saved_bytes_no_more_than_cross_entropy_across_shapes_and_layouts():
-    def saved(fn):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(storages.values())
-
+    saved = saved_bytes
     for n, c in [(512, 5), (64, 300), (16, 2000)]:
         logits, target = _single(n, c)
         leaf = logits.requires_grad_()

@@ -22,6 +22,7 @@ from lightning_assoftmax.functional import (
     multilabel_as_softmax_loss,
     multilabel_as_softmax_loss_and_stats,
 )
+from tests.helpers import saved_bytes
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -371,17 +372,7 @@ def test_keep_mask_matches_reference(shape, num_classes):
 
 
 def test_saved_tensors_no_larger_than_cross_entropy():
-    def saved(fn):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(storages.values())
-
+    saved = saved_bytes
     for n, c in [(512, 5), (64, 300)]:
         logits, target = single_label_data((n,), c, seed=19)
         leaf = logits.clone().requires_grad_()
