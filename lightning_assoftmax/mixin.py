@@ -252,9 +252,8 @@ class ASSoftmaxMixin:
         formed for the whole batch: :func:`~lightning_assoftmax.functional.linear_as_softmax_loss_and_stats`
         works in row chunks, so the ``(..., C)`` logits and their gradient are not held in memory
         (``softmax`` is AS-Softmax with ``delta=1``, the cross entropy). Validation and test form the
-        logits (without a graph) for ``ce_loss`` and ``acc``, as do the other losses and
-        ``SkipMaskedSamples`` (which needs per-sample flags). Logs the same keys; ``log`` as for
-        :meth:`as_softmax_loss`.
+        logits (without a graph) for ``ce_loss`` and ``acc``, as do the other losses. Logs the same
+        keys; ``log`` as for :meth:`as_softmax_loss`.
         """
         if not isinstance(log, bool):
             raise TypeError(f"as_softmax_linear_loss: log must be True or False, got {log!r}.")
@@ -263,7 +262,6 @@ class ASSoftmaxMixin:
             stage in (None, "train")
             and not self.as_softmax_multilabel
             and self.as_softmax_loss_name in ("as_softmax", "softmax")
-            and not (stage == "train" and self.as_softmax_track_masked_samples)
         )
         if not fused:
             logits = F.linear(hidden, weight, bias)
@@ -271,11 +269,20 @@ class ASSoftmaxMixin:
                 logits = logits.movedim(-1, 1)  # (N, ..., C) -> (N, C, ...), as F.cross_entropy
             return self.as_softmax_loss(logits, target, log=log)
         delta = self.as_softmax_delta if self.as_softmax_loss_name == "as_softmax" else 1.0
+        track = stage == "train" and self.as_softmax_track_masked_samples
         loss, masked, count = linear_as_softmax_loss_and_stats(
-            hidden, weight, target, bias, delta, ignore_index=self.as_softmax_ignore_index
+            hidden,
+            weight,
+            target,
+            bias,
+            delta,
+            ignore_index=self.as_softmax_ignore_index,
+            reduction="none" if track else "mean",
         )
         if not self.as_softmax_reports_masked:
             masked = torch.zeros_like(masked)
+        if track:
+            loss = self._as_softmax_mean_recording_flags(loss, count, target, counts_masked=True)
         if log and stage is not None:
             self._as_softmax_log(stage, loss, masked, count, None, target)
         return loss
@@ -296,8 +303,7 @@ class ASSoftmaxMixin:
         delta = None
         if self.as_softmax_loss_name == "as_softmax":
             delta = self.as_softmax_delta if stage in (None, "train") else self.as_softmax_target_delta
-        # SkipMaskedSamples needs each sample's flag: the rows of this very call (a sampled head
-        # would draw other candidates in a second one), reduced here to the same mean.
+        # A sampled head would draw other candidates in a second call: the flags come from this one.
         track = stage == "train" and self.as_softmax_track_masked_samples
         loss, masked, count = head.loss_and_stats(
             hidden,
@@ -309,13 +315,7 @@ class ASSoftmaxMixin:
         if not self.as_softmax_reports_masked:
             masked = torch.zeros_like(masked)
         if track:
-            rows = loss
-            loss = rows.sum() / count.clamp(min=1).to(rows.dtype)
-            n = target.shape[0] if target.dim() else 1
-            flags = (rows.detach().reshape(n, -1) == 0).all(dim=1)
-            if not (self.as_softmax_reports_masked and head.counts_masked(delta)):
-                flags = torch.zeros_like(flags)
-            self._as_softmax_store_masked_samples(flags)
+            loss = self._as_softmax_mean_recording_flags(loss, count, target, head.counts_masked(delta))
         if log and stage is not None:
             log_p = None
             if stage != "train":
@@ -417,6 +417,19 @@ class ASSoftmaxMixin:
             # its non-ignored positions are.
             flags = (rows.reshape(n, -1) == 0).all(dim=1)
         self._as_softmax_store_masked_samples(flags)
+
+    def _as_softmax_mean_recording_flags(
+        self, rows: Tensor, count: Tensor, target: Tensor, counts_masked: bool
+    ) -> Tensor:
+        """The mean over non-ignored positions of one loss call's ``reduction="none"`` rows
+        (shaped like ``target``, 0 at ignored positions), recording each sample's masked flag
+        (for ``SkipMaskedSamples``) from those same rows: no second evaluation of the loss."""
+        n = target.shape[0] if target.dim() else 1
+        flags = (rows.detach().reshape(n, -1) == 0).all(dim=1)
+        if not (self.as_softmax_reports_masked and counts_masked):
+            flags = torch.zeros_like(flags)
+        self._as_softmax_store_masked_samples(flags)
+        return rows.sum() / count.clamp(min=1).to(rows.dtype)
 
     def _as_softmax_store_masked_samples(self, flags: Tensor) -> None:
         """Keep a batch's per-sample flags; a further loss call in the step ANDs its own in."""

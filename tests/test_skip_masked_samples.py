@@ -609,7 +609,10 @@ class FixedHidden(ASSoftmaxMixin, L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         (idx,) = batch
-        loss = self.as_softmax_head_loss(self.head, self.hidden[idx], self.targets[idx])
+        if isinstance(self.head, nn.Linear):  # the fused output layer
+            loss = self.as_softmax_linear_loss(self.hidden[idx], self.head.weight, self.targets[idx], self.head.bias)
+        else:
+            loss = self.as_softmax_head_loss(self.head, self.hidden[idx], self.targets[idx])
         self.flags.append((idx.clone(), self.as_softmax_last_masked_samples.clone()))
         self.losses.append((idx.clone(), loss.detach()))
         return loss
@@ -645,4 +648,35 @@ def test_head_loss_gives_the_flags_of_the_exact_distribution():
     for batch_idx, loss in model.losses:
         with torch.no_grad():
             expected = head.loss(hidden[batch_idx], targets[batch_idx], delta=0.1)
+        torch.testing.assert_close(loss, expected)
+
+
+def test_fused_linear_loss_gives_the_flags_of_its_logits():
+    """as_softmax_linear_loss under SkipMaskedSamples: the flags of AS-Softmax on the layer's full
+    logits (the reference), and the mean loss of the fused layer."""
+    from lightning_assoftmax.functional import linear_as_softmax_cross_entropy
+
+    torch.manual_seed(1)
+    n, width, classes = 24, 8, 12
+    layer = nn.Linear(width, classes)
+    hidden = 4.0 * torch.randn(n, width)
+    with torch.no_grad():
+        targets = layer(hidden).argmax(dim=1)
+    targets[::3] = torch.randint(classes, (len(targets[::3]),))
+    targets[5] = -100
+    with torch.no_grad():
+        want = reference_as_softmax(layer(hidden), targets, 0.1, reduction="none") == 0
+    assert 0 < int(want.sum()) < n
+    model = FixedHidden(hidden, targets, layer)
+    trainer(max_epochs=1, callbacks=[SkipMaskedSamples()]).fit(
+        model, DataLoader(TensorDataset(torch.arange(n)), batch_size=4)
+    )
+    idx = torch.cat([i for i, _ in model.flags])
+    flags = torch.cat([f for _, f in model.flags])[torch.argsort(idx)]
+    assert flags.tolist() == want.tolist()
+    for batch_idx, loss in model.losses:
+        with torch.no_grad():
+            expected = linear_as_softmax_cross_entropy(
+                hidden[batch_idx], layer.weight, targets[batch_idx], layer.bias, 0.1
+            )
         torch.testing.assert_close(loss, expected)
