@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import lightning as L
 import torch
@@ -10,6 +15,21 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_assoftmax import ASSoftmaxMixin
+
+
+def benchmark_module(script: str) -> Iterator[ModuleType]:
+    """``benchmarks/<script>.py`` imported as a module, for a module-scoped fixture to ``yield
+    from``: registered in ``sys.modules`` (dataclasses and pickling need that) until the fixture
+    ends."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"{script}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def count_calls(monkeypatch, module, name: str) -> list:

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "as_speed.py"
+from helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def as_speed():
-    spec = importlib.util.spec_from_file_location("as_speed_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_module("as_speed")
 
 
 def fake_run(arm, seed, accs, seconds, batches, test_acc=0.9):

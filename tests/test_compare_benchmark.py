@@ -5,29 +5,21 @@ scipy / scikit-learn computations; the compact embedding table against the full 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import benchmark_module
 from sklearn.metrics import accuracy_score, f1_score
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 QUICK_CONFIGS = ("softmax", "am_softmax", "as_speed")
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_module("compare")
 
 
 @pytest.fixture(scope="module")

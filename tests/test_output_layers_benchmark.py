@@ -4,28 +4,20 @@ model), and the perplexity it reports is the exact one of the head's distributio
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import benchmark_module
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "output_layers.py"
 CONFIGS = "dense,adaptive + AS,sampled"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("output_layers_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_module("output_layers")
 
 
 @pytest.fixture(scope="module")
