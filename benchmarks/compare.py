@@ -31,6 +31,8 @@ library's 10 elsewhere); ``t_softmax`` uses temperature 2, ``label_smoothing`` 0
 annealing), ``l2_softmax`` alpha 30, ``normface`` scale 30, ``cosface`` as ``am_softmax``,
 ``arcface`` scale 30 and margin 0.5 rad, ``weighted_softmax`` balanced weights from the training
 split's class counts. New ``build_loss`` names join the comparison by themselves.
+``l_softmax_annealed`` and ``sphereface_annealed`` (opt-in, ``--losses``) train those two as their
+papers do: ``lam`` floor 5 and ``MarginAnnealing``'s default schedule from 1000.
 
     python benchmarks/compare.py                    # BBC News: 17 configurations x 3 seeds x 6 epochs, ~11 min
     python benchmarks/compare.py --out runs/compare # + results.md, results.json, results.png
@@ -66,7 +68,7 @@ from torch.utils.data import Subset
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 from torchmetrics.functional.regression import pearson_corrcoef, spearman_corrcoef
 
-from lightning_assoftmax import AdaptiveGradAccumulation, LossAccuracyCorrelation
+from lightning_assoftmax import AdaptiveGradAccumulation, LossAccuracyCorrelation, MarginAnnealing
 from lightning_assoftmax.data import CLINC150, HWU64, Banking77, BBCNews, DBpedia219
 from lightning_assoftmax.data._text import PadCollate, TokenizedTextDataModule
 from lightning_assoftmax.family import LOSS_NAMES
@@ -76,6 +78,13 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 AS_SPEED = "as_speed"
 BASELINE = "softmax"
 CONFIG_NAMES: tuple[str, ...] = (*LOSS_NAMES, AS_SPEED)
+#: Opt-in configurations (``--losses``, not in the default grid): L-Softmax and SphereFace trained
+#: as their papers do, with ``MarginAnnealing``'s default schedule (lam 1000 at step 0, lowered
+#: as 1000 / (1 + 0.12 step)) towards the floor 5 of the SphereFace authors' released training.
+ANNEALED = {"l_softmax_annealed": "l_softmax", "sphereface_annealed": "sphereface"}
+ANNEALED_FLOOR = 5.0
+EXTRA_CONFIGS: tuple[str, ...] = tuple(ANNEALED)
+KNOWN_CONFIGS: tuple[str, ...] = (*CONFIG_NAMES, *EXTRA_CONFIGS)
 #: The ready-made single-label text datamodules, and the epochs of a bag-model fit on each: enough
 #: to pass the best validation accuracy and enter the phase in which softmax's validation cross
 #: entropy rises (measured with benchmarks/compare.py, see docs/results.md).
@@ -99,17 +108,37 @@ def quick_stride(size: int, split: str) -> int:
 
 
 def config_spec(name: str, sparse_k: int) -> dict[str, Any]:
-    """Loss name, its keywords and whether AS-Speed is on, for a configuration name."""
+    """Loss name, its keywords and whether AS-Speed (``adaptive``) or ``MarginAnnealing``
+    (``annealing``) is on, for a configuration name."""
     if name == AS_SPEED:
         return {
             "label": "as_softmax + AdaptiveGradAccumulation",
             "loss": "as_softmax",
             "loss_kwargs": {},
             "adaptive": True,
+            "annealing": False,
+        }
+    if name in ANNEALED:
+        return {
+            "label": f"{ANNEALED[name]} + MarginAnnealing",
+            "loss": ANNEALED[name],
+            "loss_kwargs": {"lam": ANNEALED_FLOOR},
+            "adaptive": False,
+            "annealing": True,
         }
     kwargs = {"k": sparse_k} if name == "sparse_softmax" else {}
     label = f"sparse_softmax (k={sparse_k})" if name == "sparse_softmax" else name
-    return {"label": label, "loss": name, "loss_kwargs": kwargs, "adaptive": False}
+    return {"label": label, "loss": name, "loss_kwargs": kwargs, "adaptive": False, "annealing": False}
+
+
+def config_callbacks(spec: dict[str, Any]) -> list[L.Callback]:
+    """The callbacks a configuration trains with, besides the recorders."""
+    callbacks: list[L.Callback] = []
+    if spec["adaptive"]:
+        callbacks.append(AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=2))
+    if spec["annealing"]:
+        callbacks.append(MarginAnnealing())
+    return callbacks
 
 
 class RunRecorder(L.Callback):
@@ -269,9 +298,7 @@ def run_once(name: str, seed: int, data: TokenizedTextDataModule, args: argparse
     model = build_model(spec, data, args)
     recorder = RunRecorder()
     tracker = LossAccuracyCorrelation(save_figure=False)
-    callbacks: list[L.Callback] = [recorder, tracker]
-    if spec["adaptive"]:
-        callbacks.append(AdaptiveGradAccumulation(lam=1.0, max_accumulate_grad_batches=2))
+    callbacks: list[L.Callback] = [recorder, tracker, *config_callbacks(spec)]
     trainer = L.Trainer(
         max_epochs=args.epochs,
         val_check_interval=1.0 / args.val_per_epoch,
@@ -296,6 +323,7 @@ def run_once(name: str, seed: int, data: TokenizedTextDataModule, args: argparse
         "loss": spec["loss"],
         "loss_kwargs": spec["loss_kwargs"],
         "adaptive_grad_accumulation": spec["adaptive"],
+        "margin_annealing": spec["annealing"],
         "seed": seed,
         "best_val_acc": recorder.best_acc,
         "best_val_epoch": best["epoch"],
@@ -597,8 +625,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--losses",
         default=",".join(CONFIG_NAMES),
-        help=f"comma-separated configurations among {', '.join(CONFIG_NAMES)} "
-        f"({AS_SPEED}: as_softmax with AdaptiveGradAccumulation)",
+        help=f"comma-separated configurations among {', '.join(KNOWN_CONFIGS)} "
+        f"({AS_SPEED}: as_softmax with AdaptiveGradAccumulation; {', '.join(EXTRA_CONFIGS)}: the "
+        "margin loss with MarginAnnealing, lam floor 5; default: all but these two)",
     )
     parser.add_argument(
         "--quick",
@@ -657,10 +686,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.losses.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIG_NAMES]
+    unknown = [n for n in names if n not in KNOWN_CONFIGS]
     if unknown or not names:
         parser.error(
-            f"--losses: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(CONFIG_NAMES)}"
+            f"--losses: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(KNOWN_CONFIGS)}"
         )
     names = list(dict.fromkeys(names))
     if args.resume and args.out is None:

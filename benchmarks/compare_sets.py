@@ -90,10 +90,11 @@ def merge_columns(folders: list[Path]) -> dict[str, list[dict[str, Any]]]:
 
 
 def summarize_columns(columns: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, dict[str, dict]]]:
-    """The configurations (``compare.CONFIG_NAMES`` order, then any other) and, per column, the
+    """The configurations (``compare.KNOWN_CONFIGS`` order, then any other) and, per column, the
     rows of ``compare.summarize`` by configuration."""
     present = {run["config"] for runs in columns.values() for run in runs}
-    order = [c for c in compare.CONFIG_NAMES if c in present] + sorted(present - set(compare.CONFIG_NAMES))
+    known = compare.KNOWN_CONFIGS
+    order = [c for c in known if c in present] + sorted(present - set(known))
     table = {name: {row["config"]: row for row in compare.summarize(runs, order)} for name, runs in columns.items()}
     return order, table
 

@@ -14,7 +14,7 @@ import torch
 from helpers import benchmark_module
 from sklearn.metrics import accuracy_score, f1_score
 
-QUICK_CONFIGS = ("softmax", "am_softmax", "as_speed")
+QUICK_CONFIGS = ("softmax", "am_softmax", "as_speed", "l_softmax_annealed")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,9 @@ def test_quick_run_writes_table_json_and_figure(quick_run):
         line.strip("|").split("|")[0].strip(): [c.strip() for c in line.strip("|").split("|")]
         for line in lines[1:]
     }
-    assert set(rows) == {"softmax", "am_softmax", "as_softmax + AdaptiveGradAccumulation"}
+    assert set(rows) == {
+        "softmax", "am_softmax", "as_softmax + AdaptiveGradAccumulation", "l_softmax + MarginAnnealing"
+    }
     for run in stored["runs"]:
         cells = rows[run["label"]]
         assert cells[2] == f"{100 * run['test_acc']:.2f}"  # one seed: the mean, no std
@@ -94,6 +96,9 @@ def test_quick_run_records_match_independent_computations(quick_run):
     assert by_config["softmax"]["optimizer_steps"] == by_config["softmax"]["train_batches"]
     assert by_config["as_speed"]["adaptive_grad_accumulation"] is True
     assert by_config["as_speed"]["loss"] == "as_softmax"
+    annealed = by_config["l_softmax_annealed"]
+    assert annealed["margin_annealing"] is True and by_config["softmax"]["margin_annealing"] is False
+    assert annealed["loss"] == "l_softmax" and annealed["loss_kwargs"] == {"lam": 5.0}
     softmax_row = next(r for r in results["summary"] if r["config"] == "softmax")
     assert softmax_row["train_seconds_vs_softmax"] == 1.0
 
@@ -297,3 +302,19 @@ def test_compact_embedding_table_gives_the_same_model(compare):
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+def test_annealed_configurations_are_opt_in_and_train_with_margin_annealing(compare):
+    from lightning_assoftmax import AdaptiveGradAccumulation, MarginAnnealing
+
+    for name, loss in (("l_softmax_annealed", "l_softmax"), ("sphereface_annealed", "sphereface")):
+        assert name not in compare.CONFIG_NAMES and name in compare.KNOWN_CONFIGS
+        spec = compare.config_spec(name, 10)
+        assert (spec["loss"], spec["loss_kwargs"]) == (loss, {"lam": 5.0})
+        (callback,) = compare.config_callbacks(spec)
+        assert isinstance(callback, MarginAnnealing)
+        # the default schedule: 1000 at step 0, down to the floor 5 after about 1660 steps
+        assert callback.lam_at(0, 5.0) == 1000.0 and callback.lam_at(2000, 5.0) == 5.0
+    assert compare.config_callbacks(compare.config_spec("l_softmax", 10)) == []
+    (speed,) = compare.config_callbacks(compare.config_spec("as_speed", 10))
+    assert isinstance(speed, AdaptiveGradAccumulation)
