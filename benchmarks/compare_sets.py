@@ -32,6 +32,9 @@ compare = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = compare
 _spec.loader.exec_module(compare)
 
+#: The accuracy panel's left edge (pp): a loss that does not train (tens of points below softmax)
+#: is drawn at the edge with its value written next to it, so that the others stay readable.
+FIGURE_LOW_PP = -8.0
 #: The correlation the second table and panel show: the loss's own validation loss (for softmax,
 #: the cross entropy) against validation accuracy, over the validation runs after epoch 1.
 TRACKING_KEY = "pearson_val_loss_acc_after_epoch_1"
@@ -90,10 +93,16 @@ def merge_columns(folders: list[Path]) -> dict[str, list[dict[str, Any]]]:
 
 
 def summarize_columns(columns: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, dict[str, dict]]]:
-    """The configurations (``compare.KNOWN_CONFIGS`` order, then any other) and, per column, the
-    rows of ``compare.summarize`` by configuration."""
+    """The configurations (``build_loss`` order, AS-Speed and the annealed margin losses each
+    after the loss it trains, then any other) and, per column, the rows of ``compare.summarize``
+    by configuration."""
     present = {run["config"] for runs in columns.values() for run in runs}
-    known = compare.KNOWN_CONFIGS
+    variants = {compare.AS_SPEED: "as_softmax", **compare.ANNEALED}
+    known = [
+        name
+        for base in compare.LOSS_NAMES
+        for name in (base, *(extra for extra, loss in variants.items() if loss == base))
+    ]
     order = [c for c in known if c in present] + sorted(present - set(known))
     table = {name: {row["config"]: row for row in compare.summarize(runs, order)} for name, runs in columns.items()}
     return order, table
@@ -174,6 +183,13 @@ def write_figure(order: list[str], table: dict[str, dict[str, dict]], path: Path
                     mean, std = row[TRACKING_KEY], row[f"{TRACKING_KEY}_std"]
                     if not math.isfinite(mean):
                         continue
+                if kind == "difference" and mean < FIGURE_LOW_PP:
+                    axis.plot([FIGURE_LOW_PP], [position + offset], marker="<", color=f"C{index}")
+                    axis.annotate(
+                        f"{mean:+.0f}", (FIGURE_LOW_PP, position + offset), xytext=(6, -3),
+                        textcoords="offset points", fontsize=7, color=f"C{index}",
+                    )
+                    continue
                 ys.append(position + offset)
                 xs.append(mean)
                 errors.append(std if math.isfinite(std) else 0.0)
@@ -182,6 +198,8 @@ def write_figure(order: list[str], table: dict[str, dict[str, dict]], path: Path
                 label=f"{name} ({_seeds(table[name])} seeds)",
             )
     difference.axvline(0.0, color="0.4", linewidth=0.8)
+    if difference.get_xlim()[0] < FIGURE_LOW_PP - 0.5:
+        difference.set_xlim(left=FIGURE_LOW_PP - 0.5)
     difference.set_xlabel("test accuracy - softmax, pp (paired by seed; mean ± std)")
     difference.set_title("test accuracy against softmax (0: softmax itself)", fontsize=9)
     tracking.axvline(-1.0, color="0.4", linewidth=0.8, linestyle=":")

@@ -117,6 +117,9 @@ def test_minilm_fits_get_their_own_column(sets, tmp_path):
 def test_figure_is_written(sets, tmp_path):
     pytest.importorskip("matplotlib")
     figure = tmp_path / "figures" / "sets.png"
-    sets.main([str(folder) for folder in _split_grid(tmp_path)] + ["--figure", str(figure)])
+    # a loss that does not train (70 points below softmax) is drawn at the panel's edge
+    untrained = _journal(tmp_path / "untrained", [_run("l_softmax", s, 0.1, 0.5) for s in range(3)])
+    folders = [*_split_grid(tmp_path), untrained]
+    sets.main([str(folder) for folder in folders] + ["--figure", str(figure)])
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
