@@ -186,7 +186,7 @@ def write_figure(order: list[str], table: dict[str, dict[str, dict]], path: Path
                 if kind == "difference" and mean < FIGURE_LOW_PP:
                     axis.plot([FIGURE_LOW_PP], [position + offset], marker="<", color=f"C{index}")
                     axis.annotate(
-                        f"{mean:+.0f}", (FIGURE_LOW_PP, position + offset), xytext=(6, -3),
+                        f"{mean:+.0f}", (FIGURE_LOW_PP, position + offset), xytext=(6 + 16 * index, -3),
                         textcoords="offset points", fontsize=7, color=f"C{index}",
                     )
                     continue
