@@ -85,6 +85,16 @@ ANNEALED = {"l_softmax_annealed": "l_softmax", "sphereface_annealed": "spherefac
 ANNEALED_FLOOR = 5.0
 EXTRA_CONFIGS: tuple[str, ...] = tuple(ANNEALED)
 KNOWN_CONFIGS: tuple[str, ...] = (*CONFIG_NAMES, *EXTRA_CONFIGS)
+#: Settings in which the journals of one grid may differ (a grid split over processes or
+#: extended with more configurations); every other setting must agree for fits to be compared.
+SPLIT_SETTINGS = ("configs", "seeds")
+
+
+def fixed_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that must agree between fits of one grid (all but :data:`SPLIT_SETTINGS`)."""
+    return {key: value for key, value in settings.items() if key not in SPLIT_SETTINGS}
+
+
 #: The ready-made single-label text datamodules, and the epochs of a bag-model fit on each: enough
 #: to pass the best validation accuracy and enter the phase in which softmax's validation cross
 #: entropy rises (measured with benchmarks/compare.py, see docs/results.md).
@@ -760,7 +770,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.mkdir(parents=True, exist_ok=True)
         if args.resume and journal.is_file():
             runs = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-            keep = {key: settings[key] for key in settings if key not in ("configs", "seeds")}
+            keep = fixed_settings(settings)
             stale = [r for r in runs if {k: r["settings"].get(k) for k in keep} != keep]
             if stale:
                 parser.error(f"--resume: {journal} holds fits with other settings ({stale[0]['settings']}); use another --out")

@@ -38,8 +38,6 @@ FIGURE_LOW_PP = -8.0
 #: The correlation the second table and panel show: the loss's own validation loss (for softmax,
 #: the cross entropy) against validation accuracy, over the validation runs after epoch 1.
 TRACKING_KEY = "pearson_val_loss_acc_after_epoch_1"
-# Settings that may differ between the folders of one column (a split grid).
-_SPLIT_SETTINGS = ("configs", "seeds")
 # What must agree for a fit found in two folders to count as one.
 _SAME_FIT = ("best_val_acc", "test_acc", "optimizer_steps")
 
@@ -68,7 +66,7 @@ def merge_columns(folders: list[Path]) -> dict[str, list[dict[str, Any]]]:
         for run in read_journal(folder):
             settings = run.get("settings", {})
             name = column_name(settings)
-            fixed = {k: v for k, v in settings.items() if k not in _SPLIT_SETTINGS}
+            fixed = compare.fixed_settings(settings)
             first = kept_settings.setdefault(name, (fixed, folder))
             if first[0] != fixed:
                 raise SystemExit(

@@ -393,6 +393,7 @@ class ASSoftmaxMixin:
         return count_class_labels(
             (_label_of(item) for item in dataset), num_classes, self.as_softmax_ignore_index
         )
+
     @torch.no_grad()
     def _as_softmax_record_masked_samples(self, logits: Tensor, target: Tensor, delta: float) -> None:
         """Per-sample masked flags of a training batch (for ``SkipMaskedSamples``), on the device.
@@ -400,10 +401,8 @@ class ASSoftmaxMixin:
         A second, gradient-free evaluation of the same loss with ``reduction="none"``: it leaves
         the training loss and its graph exactly as they are without the flags.
         """
-        n = 1 if logits.dim() == 1 else logits.shape[0]
-        if not self.as_softmax_reports_masked:
-            flags = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        else:
+        rows = None
+        if self.as_softmax_reports_masked:
             criterion = self.as_softmax_criterion
             if criterion is None:
                 rows = multilabel_as_softmax_loss(logits.detach(), target, delta, reduction="none")
@@ -413,10 +412,8 @@ class ASSoftmaxMixin:
                     rows = criterion(logits.detach(), target)
                 finally:
                     criterion.reduction = reduction
-            # Ignored positions have loss 0 under reduction="none": a sample is masked when all
-            # its non-ignored positions are.
-            flags = (rows.reshape(n, -1) == 0).all(dim=1)
-        self._as_softmax_store_masked_samples(flags)
+        n = 1 if logits.dim() == 1 else logits.shape[0]
+        self._as_softmax_store_masked_samples(rows, n, logits.device)
 
     def _as_softmax_mean_recording_flags(
         self, rows: Tensor, count: Tensor, target: Tensor, counts_masked: bool
@@ -425,14 +422,21 @@ class ASSoftmaxMixin:
         (shaped like ``target``, 0 at ignored positions), recording each sample's masked flag
         (for ``SkipMaskedSamples``) from those same rows: no second evaluation of the loss."""
         n = target.shape[0] if target.dim() else 1
-        flags = (rows.detach().reshape(n, -1) == 0).all(dim=1)
-        if not (self.as_softmax_reports_masked and counts_masked):
-            flags = torch.zeros_like(flags)
-        self._as_softmax_store_masked_samples(flags)
+        flagged = rows if self.as_softmax_reports_masked and counts_masked else None
+        self._as_softmax_store_masked_samples(flagged, n, rows.device)
         return rows.sum() / count.clamp(min=1).to(rows.dtype)
 
-    def _as_softmax_store_masked_samples(self, flags: Tensor) -> None:
-        """Keep a batch's per-sample flags; a further loss call in the step ANDs its own in."""
+    def _as_softmax_store_masked_samples(self, rows: Tensor | None, n: int, device: torch.device) -> None:
+        """Keep a batch's per-sample flags from a loss call's ``reduction="none"`` rows (``None``:
+        the loss masks no sample); a further loss call in the step ANDs its own in.
+
+        Ignored positions have loss 0 under ``reduction="none"``: a sample is masked when all its
+        non-ignored positions are.
+        """
+        if rows is None:
+            flags = torch.zeros(n, dtype=torch.bool, device=device)
+        else:
+            flags = (rows.detach().reshape(n, -1) == 0).all(dim=1)
         previous = self.as_softmax_last_masked_samples
         if previous is not None and previous.shape == flags.shape:
             flags = previous & flags

@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import saved_bytes
 
 from lightning_assoftmax.functional import (
     as_softmax_cross_entropy,
@@ -30,7 +31,6 @@ from lightning_assoftmax.ops import (
     multilabel_as_softmax_rows,
 )
 from lightning_assoftmax.ops import single_label as single_label_ops
-from tests.helpers import saved_bytes
 
 
 def _single(n: int, c: int, dtype=torch.float32, seed: int = 0, ignore: float = 0.2):
@@ -324,18 +324,17 @@ def test_backward_allocates_no_second_gradient():
 
 
 def test_saved_bytes_no_more_than_cross_entropy_across_shapes_and_layouts():
-    saved = saved_bytes
     for n, c in [(512, 5), (64, 300), (16, 2000)]:
         logits, target = _single(n, c)
         leaf = logits.requires_grad_()
         for reduction in ("mean", "sum", "none"):
-            ours = saved(
+            ours = saved_bytes(
                 lambda z=leaf, t=target, r=reduction: as_softmax_cross_entropy(z, t, 0.1, reduction=r)
             )
-            ce = saved(lambda z=leaf, t=target, r=reduction: F.cross_entropy(z, t, reduction=r))
+            ce = saved_bytes(lambda z=leaf, t=target, r=reduction: F.cross_entropy(z, t, reduction=r))
             assert ours <= ce, (n, c, reduction, ours, ce)
     tokens = torch.randn(4, 16, 300).requires_grad_()
     token_target = torch.randint(0, 300, (4, 16))
-    ours = saved(lambda: as_softmax_cross_entropy(tokens.transpose(1, 2), token_target, 0.1))
-    ce = saved(lambda: F.cross_entropy(tokens.transpose(1, 2), token_target))
+    ours = saved_bytes(lambda: as_softmax_cross_entropy(tokens.transpose(1, 2), token_target, 0.1))
+    ce = saved_bytes(lambda: F.cross_entropy(tokens.transpose(1, 2), token_target))
     assert ours <= ce

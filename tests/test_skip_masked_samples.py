@@ -621,6 +621,27 @@ class FixedHidden(ASSoftmaxMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+def _mixed_targets(scores: torch.Tensor) -> torch.Tensor:
+    """The argmax of ``scores`` (confident rows end up masked), a random class in every third row,
+    and one ignored position."""
+    targets = scores.argmax(dim=1)
+    targets[::3] = torch.randint(scores.shape[1], (len(targets[::3]),))
+    targets[5] = -100
+    return targets
+
+
+def _fit_recording(hidden, targets, output):
+    """One epoch of ``FixedHidden`` under ``SkipMaskedSamples`` (batches of 4): the per-sample
+    flags in sample order, and the model (its ``losses``: batch indices and loss of each step)."""
+    model = FixedHidden(hidden, targets, output)
+    trainer(max_epochs=1, callbacks=[SkipMaskedSamples()]).fit(
+        model, DataLoader(TensorDataset(torch.arange(len(targets))), batch_size=4)
+    )
+    idx = torch.cat([i for i, _ in model.flags])
+    flags = torch.cat([f for _, f in model.flags])[torch.argsort(idx)]
+    return flags, model
+
+
 def test_head_loss_gives_the_flags_of_the_exact_distribution():
     """With an output head, a sample is flagged when AS-Softmax of the head's exact distribution
     (as_softmax_cross_entropy of log_prob, the reference) is zero; the mean loss is unchanged."""
@@ -631,19 +652,10 @@ def test_head_loss_gives_the_flags_of_the_exact_distribution():
     head = build_head("class_based", width, classes, num_clusters=3)
     hidden = 4.0 * torch.randn(n, width)
     with torch.no_grad():
-        targets = head.log_prob(hidden).argmax(dim=1)  # confident rows end up masked
-    targets[::3] = torch.randint(classes, (len(targets[::3]),))
-    targets[5] = -100
-    with torch.no_grad():
-        rows = reference_as_softmax(head.log_prob(hidden), targets, 0.1, reduction="none")
-    want = rows == 0
+        targets = _mixed_targets(head.log_prob(hidden))
+        want = reference_as_softmax(head.log_prob(hidden), targets, 0.1, reduction="none") == 0
     assert 0 < int(want.sum()) < n
-    model = FixedHidden(hidden, targets, head)
-    trainer(max_epochs=1, callbacks=[SkipMaskedSamples()]).fit(
-        model, DataLoader(TensorDataset(torch.arange(n)), batch_size=4)
-    )
-    idx = torch.cat([i for i, _ in model.flags])
-    flags = torch.cat([f for _, f in model.flags])[torch.argsort(idx)]
+    flags, model = _fit_recording(hidden, targets, head)
     assert flags.tolist() == want.tolist()
     for batch_idx, loss in model.losses:
         with torch.no_grad():
@@ -661,18 +673,10 @@ def test_fused_linear_loss_gives_the_flags_of_its_logits():
     layer = nn.Linear(width, classes)
     hidden = 4.0 * torch.randn(n, width)
     with torch.no_grad():
-        targets = layer(hidden).argmax(dim=1)
-    targets[::3] = torch.randint(classes, (len(targets[::3]),))
-    targets[5] = -100
-    with torch.no_grad():
+        targets = _mixed_targets(layer(hidden))
         want = reference_as_softmax(layer(hidden), targets, 0.1, reduction="none") == 0
     assert 0 < int(want.sum()) < n
-    model = FixedHidden(hidden, targets, layer)
-    trainer(max_epochs=1, callbacks=[SkipMaskedSamples()]).fit(
-        model, DataLoader(TensorDataset(torch.arange(n)), batch_size=4)
-    )
-    idx = torch.cat([i for i, _ in model.flags])
-    flags = torch.cat([f for _, f in model.flags])[torch.argsort(idx)]
+    flags, model = _fit_recording(hidden, targets, layer)
     assert flags.tolist() == want.tolist()
     for batch_idx, loss in model.losses:
         with torch.no_grad():
