@@ -59,3 +59,17 @@ def reference_multilabel(logits: torch.Tensor, target: torch.Tensor, delta: floa
         pos_term = torch.logsumexp(torch.cat([zero, -s[keep_pos]]), dim=0)
         out.append(neg_term + pos_term)
     return torch.stack(out) if out else logits.new_zeros(0, dtype=compute)
+
+
+def ignore_rows_near_the_boundary(
+    logits: torch.Tensor, target: torch.Tensor, delta: float, margin: float, ignore_index: int = -100
+) -> torch.Tensor:
+    """``target`` (rows ``(M, C)``, ``(M,)``) with ``ignore_index`` wherever some class's
+    ``p_t - p_i`` lies within ``margin`` of ``delta`` (in float64): rounding the logits to a lower
+    precision may flip such a keep decision, so a comparison across precisions skips those rows."""
+    p = torch.softmax(logits.detach().double(), dim=1)
+    valid = target != ignore_index
+    p_t = p.gather(1, torch.where(valid, target, 0)[:, None])
+    near = ((p_t - p) - delta).abs() < margin
+    near.scatter_(1, torch.where(valid, target, 0)[:, None], False)
+    return torch.where(near.any(1) & valid, torch.full_like(target, ignore_index), target)

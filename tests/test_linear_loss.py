@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from lightning_assoftmax.functional import (
+    as_softmax_cross_entropy,
     linear_as_softmax_cross_entropy,
     linear_as_softmax_loss_and_stats,
 )
-from tests.reference import reference_as_softmax
+from tests.reference import ignore_rows_near_the_boundary, reference_as_softmax
 
 
 def make_problem(rows=24, dim=8, classes=40, seed=0, ignore=0.2, dtype=torch.float64, bias=True):
@@ -228,3 +229,159 @@ def test_token_classifier_fit_logs_the_mixin_keys_with_the_fused_layer(tmp_path)
     for key in ("train/loss_epoch", "train/masked_ratio_epoch", "val/loss", "val/ce_loss", "val/acc"):
         assert torch.isfinite(metrics[key]), key
     assert 0.0 <= float(metrics["train/masked_ratio_epoch"]) <= 1.0
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def clear_problem(dtype, ignore=0.2):
+    """make_problem in float32, without rows whose keep decision rounding to ``dtype`` may flip."""
+    leaves, target = make_problem(dtype=torch.float32, classes=30, ignore=ignore)
+    rounded = [t.detach().to(dtype).double() for t in leaves]
+    return leaves, ignore_rows_near_the_boundary(F.linear(*rounded), target, 0.1, margin=0.02)
+
+
+def rounded_reference(leaves, target, delta, reduction, dtype):
+    """The float64 reference on the inputs rounded to the autocast dtype (what the products see)."""
+    rounded = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    expected, grads, upstream = reference(rounded, target, delta, reduction)
+    return expected, grads, upstream
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, "autocast"])
+def test_autocast_matches_the_unfused_layer_and_the_float64_reference(reduction, dtype, hidden_dtype):
+    """Under torch.autocast: products in the autocast dtype, loss in float32, each gradient in its
+    input's dtype; a hidden state in the autocast dtype meets float32 weights (autocast casts)."""
+    leaves, target = clear_problem(dtype)
+    if hidden_dtype == "autocast":
+        leaves[0] = leaves[0].detach().to(dtype).requires_grad_()
+    x, w, b = leaves
+    twins = [t.detach().clone().requires_grad_() for t in leaves]
+    with torch.autocast("cpu", dtype=dtype):
+        loss = linear_as_softmax_cross_entropy(x, w, target, b, 0.1, reduction=reduction, chunk_size=7)
+        unfused = as_softmax_cross_entropy(F.linear(*twins[:2], twins[2]), target, 0.1, reduction=reduction)
+    assert loss.dtype == unfused.dtype == torch.float32
+    expected, grads, upstream = rounded_reference(leaves, target, 0.1, reduction, dtype)
+    (loss * upstream.float()).sum().backward()
+    (unfused * upstream.float()).sum().backward()
+    torch.testing.assert_close(loss.detach().double(), expected, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(loss.detach(), unfused.detach(), rtol=2e-2, atol=2e-2)
+    for leaf, twin, grad in zip(leaves, twins, grads, strict=True):
+        assert leaf.grad.dtype == leaf.dtype == twin.grad.dtype
+        scale = grad.abs().max()
+        assert (leaf.grad.double() - grad).abs().max() / scale < 3e-2
+        assert (leaf.grad.double() - twin.grad.double()).abs().max() / scale < 3e-2
+
+
+def test_autocast_counts_the_masked_rows_of_the_reference():
+    leaves, target = clear_problem(torch.bfloat16, ignore=0.0)
+    x, w, b = leaves
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, masked, valid = linear_as_softmax_loss_and_stats(x, w, target, b, 0.1, reduction="none")
+    rows, _, _ = rounded_reference(leaves, target, 0.1, "none", torch.bfloat16)
+    assert masked.item() == ((rows == 0) & (target != -100)).sum().item() > 0
+    assert valid.item() == (target != -100).sum().item()
+    assert torch.equal(loss.detach() == 0, rows == 0)
+
+
+def test_mixed_dtypes_outside_autocast_are_refused_without_claiming_autocast_is_on():
+    leaves, target = make_problem(dtype=torch.float32, bias=False)
+    x, w = leaves
+    with pytest.raises(TypeError, match="must have the same dtype") as info:
+        linear_as_softmax_cross_entropy(x.detach().bfloat16(), w, target)
+    message = str(info.value)
+    assert "not enabled for cpu" in message and "input.to(torch.float32)" in message
+    assert "does this for you" not in message
+
+
+def test_float64_input_under_autocast_is_refused_clearly():
+    leaves, target = make_problem(dtype=torch.float32, bias=False)
+    x, w = leaves
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="leaves float64"):
+        linear_as_softmax_cross_entropy(x.detach().double(), w, target)
+
+
+# --------------------------------------------------------------------------- double backward
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_raises_a_clear_error(reduction):
+    """A gradient penalty through the fused layer would silently contribute nothing."""
+    leaves, target = make_problem()
+    x, w, b = leaves
+    loss = linear_as_softmax_cross_entropy(x, w, target, b, 0.1, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # A plain backward still works afterwards.
+    loss = linear_as_softmax_cross_entropy(x, w, target, b, 0.1, reduction=reduction).sum()
+    loss.backward()
+    assert x.grad is not None
+
+
+class _FusedHeadModel:
+    """A tiny mixin module whose output layer goes through ``as_softmax_linear_loss``."""
+
+    @staticmethod
+    def build():
+        import lightning as L
+
+        from lightning_assoftmax import ASSoftmaxMixin
+
+        class FusedHead(ASSoftmaxMixin, L.LightningModule):
+            def __init__(self):
+                super().__init__(delta=0.3)
+                self.encoder = torch.nn.Linear(8, 16)
+                self.head = torch.nn.Linear(16, 40)
+
+            def _loss(self, batch):
+                x, y = batch
+                return self.as_softmax_linear_loss(torch.tanh(self.encoder(x)), self.head.weight, y, self.head.bias)
+
+            def training_step(self, batch, batch_idx):
+                return self._loss(batch)
+
+            def validation_step(self, batch, batch_idx):
+                self._loss(batch)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return FusedHead()
+
+
+@pytest.mark.parametrize("model_name", ["mixin", "token_classifier"])
+def test_fused_layer_trains_in_bf16_mixed(model_name, tmp_path):
+    """``precision="bf16-mixed"`` (``"16-mixed"`` falls back to it on CPU in Lightning) through the
+    mixin's fused ``as_softmax_linear_loss``: the fit runs, the loss is finite and the float32
+    parameters move."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_assoftmax.models import TokenClassifier
+
+    g = torch.Generator().manual_seed(0)
+    if model_name == "mixin":
+        model = _FusedHeadModel.build()
+        data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 40, (32,), generator=g))
+        loader = DataLoader(data, batch_size=8)
+    else:
+        model = TokenClassifier(num_classes=200, vocab_size=30, embed_dim=8, hidden_dim=8, delta=0.5)
+        items = [
+            {"input_ids": torch.randint(0, 30, (6,), generator=g), "labels": torch.randint(0, 200, (6,), generator=g)}
+            for _ in range(16)
+        ]
+        loader = DataLoader(items, batch_size=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = L.Trainer(
+        max_epochs=1, precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, loader, loader)
+    for key in ("train/loss_epoch", "val/loss", "val/acc"):
+        assert torch.isfinite(trainer.callback_metrics[key]), key
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))

@@ -18,7 +18,10 @@ from lightning_assoftmax.functional._checks import (
     check_reduction,
 )
 from lightning_assoftmax.ops import check_class_indices
-from lightning_assoftmax.ops.linear_single_label import linear_as_softmax_rows_loss
+from lightning_assoftmax.ops.linear_single_label import (
+    autocast_linear_inputs,
+    linear_as_softmax_rows_loss,
+)
 
 __all__ = ["linear_as_softmax_cross_entropy", "linear_as_softmax_loss_and_stats"]
 
@@ -26,9 +29,6 @@ __all__ = ["linear_as_softmax_cross_entropy", "linear_as_softmax_loss_and_stats"
 def _check_linear_inputs(
     input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int, fn: str
 ) -> None:
-    for name, value in (("input", input), ("weight", weight)):
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            raise TypeError(f"{fn}: {name} must be a floating-point torch.Tensor, got {value!r:.80}.")
     if weight.dim() != 2:
         raise ValueError(
             f"{fn}: weight must be (num_classes, in_features) as nn.Linear.weight, got shape "
@@ -40,9 +40,16 @@ def _check_linear_inputs(
             f"(the second dimension of weight {tuple(weight.shape)})."
         )
     if input.dtype != weight.dtype:
+        # Called after autocast's casts (autocast_linear_inputs): a mismatch left here is one
+        # that autocast does not resolve, or autocast is off.
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            why = "torch.autocast leaves float64 tensors uncast"
+        else:
+            why = f"torch.autocast is not enabled for {device_type} here, so nothing casts them"
         raise TypeError(
             f"{fn}: input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype, as "
-            "for F.linear; cast one of them (autocast does this for you)."
+            f"for F.linear ({why}); cast one of them, e.g. `input.to({weight.dtype})`."
         )
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
@@ -77,6 +84,13 @@ def linear_as_softmax_loss_and_stats(
     ignore_index = check_ignore_index(ignore_index)
     if chunk_size is not None:
         check_positive_int(chunk_size, "chunk_size", "It is the number of rows of logits formed at once.")
+    for name, value in (("input", input), ("weight", weight)):
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point torch.Tensor, got {value!r:.80}.")
+    if isinstance(bias, Tensor):
+        input, weight, bias = autocast_linear_inputs(input, weight, bias)
+    else:  # a wrong bias is reported by the checks below
+        input, weight, _ = autocast_linear_inputs(input, weight, None)
     _check_linear_inputs(input, weight, target, bias, ignore_index, fn)
     x = input.reshape(-1, input.shape[-1])
     flat_target = target.reshape(-1)

@@ -18,6 +18,15 @@ reduction's factor), and the chunk's gradient is folded straight into the gradie
 
 Masked rows (loss exactly 0) have an exactly zero gradient row, so they add nothing to the
 products; ignored rows likewise.
+
+Mixed precision follows torch's own fused ops and Liger-Kernel: under ``torch.autocast`` the
+floating inputs other than float64 are cast to the autocast dtype (as ``F.linear`` does, so a
+bfloat16 hidden state meets a float32 weight), the matrix products run in that dtype, the softmax,
+keep decision, loss and reductions in float32, and autograd returns each gradient in its input's
+own dtype. The chunks themselves run with autocast off, on the cast tensors.
+
+Double backward is refused: the gradients are formed from the loss's own formula, not from
+differentiable operations, so a second derivative through them would be silently wrong.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from torch import Tensor
 from lightning_assoftmax.ops._autograd import graph_is_kept
 from lightning_assoftmax.ops.single_label import forward_rows_implementation
 
-__all__ = ["default_chunk_rows", "linear_as_softmax_rows_loss"]
+__all__ = ["autocast_linear_inputs", "default_chunk_rows", "linear_as_softmax_rows_loss"]
 
 #: Bytes of one chunk's logits (in float32) that the default chunking aims for, per device type.
 _CHUNK_BYTES = {"cpu": 32 * 2**20}
@@ -39,6 +48,25 @@ def default_chunk_rows(rows: int, num_classes: int, device: torch.device) -> int
     """Rows per chunk so that a chunk's float32 logits take about the device's chunk budget."""
     budget = _CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES)
     return max(1, min(rows, budget // (4 * max(num_classes, 1))))
+
+
+def autocast_linear_inputs(
+    x: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``x``, ``weight`` and ``bias`` as ``F.linear`` sees them under the autocast of ``x``'s
+    device: floating tensors other than float64 cast (differentiably) to the autocast dtype, as
+    autocast casts them; unchanged where autocast is off."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+            return t
+        return t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias)
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,7 +86,25 @@ def _chunks(
 ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
     """Loss ``(M,)`` and masked flags ``(M,)`` of every row, and the gradients in ``needs``
     (of ``x``, ``weight``, ``bias``) with each row's gradient multiplied by ``row_scale`` (a
-    0-dim tensor or one value per row); no gradients when ``row_scale`` is ``None``."""
+    0-dim tensor or one value per row); no gradients when ``row_scale`` is ``None``.
+
+    Autocast is off inside: the inputs already carry the dtype the products run in
+    (:func:`autocast_linear_inputs`), and the gradient buffers must keep theirs."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _chunks_in_dtype(x, weight, bias, target, delta, ignore_index, chunk_rows, row_scale, needs)
+
+
+def _chunks_in_dtype(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    delta: float,
+    ignore_index: int,
+    chunk_rows: int,
+    row_scale: Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
     rows = x.shape[0]
     need_grad = row_scale is not None and any(needs)
     loss = torch.empty(rows, dtype=_loss_dtype(x.dtype), device=x.device)
@@ -71,9 +117,8 @@ def _chunks(
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
         x_chunk = x[start:stop]
-        logits = x_chunk @ weight.t()
-        if bias is not None:
-            logits += bias
+        # One product with the bias, rounded once, as F.linear.
+        logits = x_chunk @ weight.t() if bias is None else torch.addmm(bias, x_chunk, weight.t())
         scale = None
         if need_grad:
             scale = row_scale if row_scale.dim() == 0 else row_scale[start:stop]
@@ -117,8 +162,16 @@ class _LinearASSoftmax(torch.autograd.Function):
         return (loss.sum() / count if reduction == "mean" else loss.sum()), masked, valid_count
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, *_unused):
+        if torch.is_grad_enabled():
+            # The gradients come from the loss's formula, not from differentiable operations:
+            # a graph through them would give a wrong (zero) second derivative.
+            raise RuntimeError(
+                "linear_as_softmax_cross_entropy does not support double backward "
+                "(create_graph=True): its gradients are formed from the loss's closed form. "
+                "Differentiate the loss once, or use a plain-PyTorch formulation for "
+                "higher-order derivatives (a gradient penalty)."
+            )
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
             x, weight, bias, target = ctx.saved_tensors
