@@ -192,3 +192,83 @@ def test_public_loss_through_the_kernel(op_on_triton, layout, reduction, dtype):
     rows = reference_as_softmax(ref_scores.detach(), target, 0.1, reduction="none")
     assert masked.item() == ((rows == 0) & (target != -100)).sum().item() > 0
     assert valid.item() == (target != -100).sum().item()
+
+
+def target_layout(target, layout):
+    """``target`` ``(M,)`` in another memory layout (the same values, but for ``expanded``: class
+    2 everywhere)."""
+    if layout == "column":  # labels[:, 0] of a (M, 2) label tensor: stride 2
+        return torch.stack([target, torch.full_like(target, 7)], 1)[:, 0]
+    if layout == "expanded":  # one class for every row: stride 0
+        return torch.full_like(target[:1], 2).expand(len(target))
+    if layout == "int32":
+        return target.int()
+    if layout == "offset":  # a slice starting inside its storage
+        return torch.cat([torch.full_like(target, 5), target])[len(target):]
+    return target
+
+
+@pytest.mark.parametrize("layout", ["column", "expanded", "int32", "offset"])
+def test_target_is_read_through_its_strides(kernel, layout):
+    """A sliced, expanded or int32 target reads the classes it shows (stride 0 and 2 included)."""
+    logits, target = make_rows(20, 9, seed=13, ignore=0.2)
+    laid_out = target_layout(target, layout)
+    values = laid_out.long().contiguous()
+    loss, grad, masked = kernel.as_softmax_forward_rows_triton(
+        logits.to(DEVICE), laid_out.to(DEVICE), 0.2, -100, True
+    )
+    ref_loss, ref_grad, ref_masked = reference_rows(logits, values, 0.2)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(masked.cpu(), ref_masked)
+
+
+def test_expanded_logits_and_strided_scale(kernel):
+    """Every tensor argument through its strides: stride-0 rows of logits, a strided scale."""
+    logits, target = make_rows(1, 11, seed=17)
+    expanded = logits.expand(6, 11)
+    target = torch.tensor([0, 3, 3, 10, -100, 5])
+    scale = torch.linspace(0.5, 3.0, 12)[::2]
+    _, grad, masked = kernel.as_softmax_forward_rows_triton(
+        expanded.to(DEVICE), target.to(DEVICE), 0.1, -100, True, grad_scale=scale.to(DEVICE)
+    )
+    _, ref_grad, ref_masked = reference_rows(expanded.contiguous(), target, 0.1)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad * scale.double()[:, None], rtol=1e-5, atol=1e-6)
+    assert torch.equal(masked.cpu(), ref_masked)
+
+
+def test_launcher_refuses_a_target_of_another_length(kernel):
+    logits, target = make_rows(4, 5, seed=1)
+    with pytest.raises(ValueError, match=r"target must be \(4,\)"):
+        kernel.as_softmax_forward_rows_triton(logits.to(DEVICE), target[:3].to(DEVICE), 0.1, -100, False)
+
+
+@pytest.mark.parametrize("layout", ["column", "expanded", "int32"])
+def test_public_and_fused_losses_take_a_sliced_target_on_the_kernel(op_on_triton, monkeypatch, layout):
+    """What the user writes (``labels[:, 0]``) reaches the kernel unchanged: the public loss and
+    the fused layer (whose chunks are slices of the flat target)."""
+    from lightning_assoftmax.functional import (
+        as_softmax_cross_entropy,
+        linear_as_softmax_cross_entropy,
+    )
+    from lightning_assoftmax.ops import linear_single_label, single_label
+
+    logits, target = make_rows(12, 6, seed=29, ignore=0.2)
+    laid_out = target_layout(target, layout)
+    values = laid_out.long().contiguous()
+    leaf = logits.to(DEVICE, copy=True).requires_grad_()
+    loss = as_softmax_cross_entropy(leaf, laid_out.to(DEVICE), 0.3, reduction="sum")
+    loss.backward()
+    ref_leaf = logits.double().requires_grad_()
+    expected = reference_as_softmax(ref_leaf, values, 0.3, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss.detach().cpu().double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaf.grad.cpu().double(), ref_leaf.grad, rtol=1e-5, atol=1e-6)
+
+    # The fused layer on the kernel too; its chunks are slices of the flat target.
+    monkeypatch.setattr(linear_single_label, "forward_rows_implementation", single_label.forward_rows_implementation)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(12, 4, generator=g), torch.randn(6, 4, generator=g)
+    fused = linear_as_softmax_cross_entropy(x.to(DEVICE), w.to(DEVICE), laid_out.to(DEVICE), None, 0.3, chunk_size=5)
+    ref = reference_as_softmax(x.double() @ w.double().t(), values, 0.3)
+    torch.testing.assert_close(fused.cpu().double(), ref, rtol=1e-5, atol=1e-5)

@@ -41,6 +41,7 @@ def _as_softmax_rows_kernel(
     z_row_stride,
     z_col_stride,
     target_ptr,
+    target_stride,
     loss_ptr,
     masked_ptr,
     grad_ptr,
@@ -55,7 +56,7 @@ def _as_softmax_rows_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    target = tl.load(target_ptr + row).to(tl.int64)
+    target = tl.load(target_ptr + row * target_stride).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     grad_row = grad_ptr + row * grad_row_stride
     cols = tl.arange(0, BLOCK)
@@ -149,19 +150,30 @@ def as_softmax_forward_rows_triton(
     """Per-row AS-Softmax loss, gradient and masked flags from one kernel launch.
 
     Args:
-        logits: ``(M, C)`` float16/bfloat16/float32 scores, any strides.
-        target: ``(M,)`` integer class indices; ``ignore_index`` marks skipped rows.
+        logits: ``(M, C)`` float16/bfloat16/float32 scores, any strides (a transposed or
+            expanded view is read in place).
+        target: ``(M,)`` integer class indices of any integer dtype and any stride (a column
+            ``labels[:, 0]``, an expanded stride-0 target); ``ignore_index`` marks skipped rows.
         delta: margin in ``[0, 1]``.
         ignore_index: target value of skipped rows.
         need_grad: whether to write the gradient.
-        grad_scale: a 0-dim or ``(M,)`` float tensor multiplying each row's gradient as it is
-            written (the reduction's and the upstream gradient's factor, at no extra pass).
+        grad_scale: a 0-dim or ``(M,)`` float tensor (any stride) multiplying each row's
+            gradient as it is written (the reduction's and the upstream gradient's factor, at no
+            extra pass).
+
+    Every tensor argument is read through its own strides; the outputs are new contiguous
+    tensors.
 
     Returns:
         ``(loss (M,) float32, grad (M, C) in the logits' dtype with grad[r] = d loss[r] / d
         logits[r] (an empty tensor without need_grad), masked (M,) bool)``.
     """
     rows, num_classes = logits.shape
+    if target.shape != (rows,) or target.device != logits.device:
+        raise ValueError(
+            f"as_softmax_forward_rows_triton: target must be ({rows},) on {logits.device} for logits "
+            f"{tuple(logits.shape)}, got {tuple(target.shape)} on {target.device}."
+        )
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     masked = torch.empty(rows, dtype=torch.int8, device=logits.device)
     if need_grad:
@@ -180,6 +192,7 @@ def as_softmax_forward_rows_triton(
         logits.stride(0),
         logits.stride(1),
         target,
+        target.stride(0),
         loss,
         masked,
         grad if need_grad else loss,
