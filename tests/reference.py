@@ -73,3 +73,63 @@ def ignore_rows_near_the_boundary(
     near = ((p_t - p) - delta).abs() < margin
     near.scatter_(1, torch.where(valid, target, 0)[:, None], False)
     return torch.where(near.any(1) & valid, torch.full_like(target, ignore_index), target)
+
+
+def reference_single_label_masked(
+    logits: torch.Tensor, target: torch.Tensor, delta: float, ignore_index: int = -100
+) -> torch.Tensor:
+    """The paper's masked samples of rows ``(M, C)``: non-ignored rows whose only kept class is
+    the target (``p_t - p_i <= delta`` in float64 of the given values), ``(M,)`` bool."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)
+    keep = reference_keep_mask(logits.detach().double(), safe, delta)
+    return valid & (keep.sum(1) == 1)
+
+
+def reference_multilabel_masked(logits: torch.Tensor, target: torch.Tensor, delta: float) -> torch.Tensor:
+    """Multi-label rows whose every term (positive and negative) is masked, ``(M,)`` bool."""
+    out = []
+    for s, y in zip(logits.detach().double(), target.bool(), strict=True):
+        p = torch.softmax(s, dim=0)
+        pos, neg = y, ~y
+        if not (pos.any() and neg.any()):
+            out.append(False)  # a one-sided row keeps all its terms
+            continue
+        keep_neg = neg & ((p[pos].min() - p) <= delta)
+        keep_pos = pos & ((p - p[neg].max()) <= delta)
+        out.append(not (keep_neg.any() or keep_pos.any()))
+    return torch.tensor(out, dtype=torch.bool)
+
+
+def reference_margin_logits(name: str, features: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, target: torch.Tensor, **kw) -> torch.Tensor:
+    """The logits a large-margin loss takes cross entropy of, from the papers' formulas (rows
+    ``(M, d)`` of valid targets, class weights ``(C, d)``)."""
+    import math
+
+    rows = torch.arange(len(target))
+    x, t = features, target
+    if name in ("am_softmax", "cosface", "normface", "arcface"):
+        cosine = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T
+        out = cosine.clone()
+        if name in ("am_softmax", "cosface"):
+            out[rows, t] = cosine[rows, t] - kw["margin"]
+        elif name == "arcface":
+            theta = torch.acos(cosine[rows, t].clamp(-1, 1))
+            m = kw["margin"]
+            out[rows, t] = torch.where(theta + m <= math.pi, torch.cos(theta + m), cosine[rows, t] - m * math.sin(m))
+        return kw["scale"] * out
+    if name in ("l_softmax", "sphereface"):
+        w = weight if name == "l_softmax" else F.normalize(weight, dim=1)
+        logits = x @ w.T
+        magnitude = x.norm(dim=1) * w[t].norm(dim=1)
+        theta = torch.acos((logits[rows, t] / magnitude).clamp(-1, 1))
+        m, lam = kw["margin"], kw["lam"]
+        k = torch.floor(theta.detach() * m / math.pi)
+        psi = (-1.0) ** k * torch.cos(m * theta) - 2 * k
+        out = logits.clone()
+        out[rows, t] = (lam * logits[rows, t] + magnitude * psi) / (1 + lam)
+        return out
+    if name == "l2_softmax":
+        return kw["alpha"] * (F.normalize(x, dim=1) @ weight.T + bias)
+    raise AssertionError(name)

@@ -88,7 +88,7 @@ class FamilyLoss(nn.Module, abc.ABC):
         valid = t != self.ignore_index
         dtype = compute_dtype(z.dtype)
         z_valid = z[valid].to(dtype)
-        t_valid = t[valid]
+        t_valid = t[valid].long()  # int32 targets are accepted, as by the AS-Softmax loss
         inputs = {
             key: target_rows(value)[valid].to(dtype)
             for key, value in self.row_inputs(logits, target).items()
