@@ -59,7 +59,8 @@ def _stage_keys(stage: str, masked_ratio: bool) -> tuple[str, ...]:
 
 class OutputLayer(Protocol):
     """What :meth:`ASSoftmaxMixin.as_softmax_head_loss` needs of an output layer (the heads of
-    :mod:`lightning_assoftmax.heads` have it)."""
+    :mod:`lightning_assoftmax.heads` have it). A ``mean_weight(target, *, ignore_index)`` method,
+    if present, gives what its ``"mean"`` divides by (else the non-ignored count)."""
 
     def loss_and_stats(
         self, hidden: Tensor, target: Tensor, *, delta: float | None, ignore_index: int
