@@ -31,6 +31,9 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["ASSoftmaxLossFunc", "ASSoftmaxTrainer"]
 
+#: The label value ``transformers.Trainer`` leaves out of ``num_items_in_batch``.
+HF_IGNORE_INDEX = -100
+
 
 class ASSoftmaxLossFunc:
     """AS-Softmax loss in the form ``transformers.Trainer(compute_loss_func=...)`` calls it.
@@ -40,9 +43,8 @@ class ASSoftmaxLossFunc:
     ``labels`` ``(N)`` / ``(N, L)`` with ``ignore_index`` for padding. It returns the loss summed
     over the non-ignored labels and divided by ``num_items_in_batch`` (the Trainer's count of such
     labels over all micro-batches of a gradient-accumulation step, and over all processes with
-    ``average_tokens_across_devices``), or their mean when that count is not given (evaluation):
-    the Trainer then treats the loss as already scaled for gradient accumulation, as it does for
-    any ``compute_loss_func``.
+    ``average_tokens_across_devices``), or their mean when that count is not given. The Trainer
+    treats the loss of any ``compute_loss_func`` as already scaled for gradient accumulation.
 
     The masked and valid counts of every call are added to :attr:`counts` (tensors on the logits'
     device; nothing is read on the host), which :class:`ASSoftmaxTrainer` turns into the logged
@@ -50,7 +52,10 @@ class ASSoftmaxLossFunc:
 
     Args:
         delta: the AS-Softmax margin in ``[0, 1]`` (paper: 0.1; 1 is plain cross entropy).
-        ignore_index: label value to skip (Hugging Face's -100 by default).
+        ignore_index: label value to skip. Only Hugging Face's -100: ``transformers.Trainer``
+            counts ``num_items_in_batch`` as the labels that are not -100, so any other value
+            would leave the skipped labels in the divisor. For another padding label use
+            :class:`ASSoftmaxTrainer`, which counts ``labels != ignore_index`` itself.
 
     Example::
 
@@ -59,8 +64,19 @@ class ASSoftmaxLossFunc:
     """
 
     def __init__(self, delta: float = 0.1, ignore_index: int = -100) -> None:
+        self._check_ignore_index(ignore_index)
         self.criterion = ASSoftmaxLoss(delta, ignore_index=ignore_index, reduction="sum")
         self.counts: tuple[Tensor, Tensor] | None = None
+
+    def _check_ignore_index(self, ignore_index: int) -> None:
+        if ignore_index != HF_IGNORE_INDEX:
+            raise ValueError(
+                f"ASSoftmaxLossFunc(ignore_index={ignore_index!r}): transformers.Trainer divides the loss by "
+                "num_items_in_batch, its count of the labels that are not -100, so labels equal to "
+                f"{ignore_index!r} would be skipped by the loss but counted in the mean. Use "
+                f"ASSoftmaxTrainer(..., ignore_index={ignore_index!r}), which counts the labels that are "
+                f"not {ignore_index!r}, or set the ignored labels to -100 and keep the default ignore_index."
+            )
 
     @property
     def delta(self) -> float:
@@ -98,11 +114,30 @@ class ASSoftmaxLossFunc:
         return counts
 
 
+class _TrainerCountedLossFunc(ASSoftmaxLossFunc):
+    """The loss of :class:`ASSoftmaxTrainer`, whose ``num_items_in_batch`` counts the labels that
+    are not ``ignore_index``, whatever its value."""
+
+    def _check_ignore_index(self, ignore_index: int) -> None:
+        pass
+
+
+def _mark_ignored_labels(batch: Any, ignore_index: int) -> Any:
+    """``batch`` with its ``labels`` equal to ``ignore_index`` set to -100 (a shallow copy; the
+    batch the model sees is unchanged)."""
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("labels"), Tensor):
+        return batch
+    labels = batch["labels"]
+    return {**batch, "labels": labels.masked_fill(labels == ignore_index, HF_IGNORE_INDEX)}
+
+
 class ASSoftmaxTrainer(Trainer):
     """``transformers.Trainer`` training with the AS-Softmax loss and logging the masked ratio.
 
     Takes every ``Trainer`` argument, plus ``delta`` and ``ignore_index`` (see
-    :class:`ASSoftmaxLossFunc`, which it installs as ``compute_loss_func``). Logged:
+    :class:`ASSoftmaxLossFunc`, which it installs as ``compute_loss_func``). With an
+    ``ignore_index`` other than -100 the Trainer's ``num_items_in_batch`` counts the labels that are
+    not ``ignore_index``, so a step's loss is still the mean over exactly its labels. Logged:
 
     * ``masked_ratio`` in every training log entry (each ``logging_steps``): masked / non-ignored
       labels over the micro-batches since the previous entry, summed over processes;
@@ -125,12 +160,27 @@ class ASSoftmaxTrainer(Trainer):
                 "ASSoftmaxTrainer sets compute_loss_func itself (the AS-Softmax loss); drop the argument, "
                 "or use transformers.Trainer(compute_loss_func=...) for a loss of your own."
             )
-        kwargs["compute_loss_func"] = ASSoftmaxLossFunc(delta, ignore_index)
+        if ignore_index != HF_IGNORE_INDEX and not hasattr(Trainer, "_get_num_items_in_batch"):
+            raise ValueError(
+                f"ASSoftmaxTrainer(ignore_index={ignore_index!r}) needs a newer transformers release (this "
+                "one counts the labels of a step, num_items_in_batch, inside get_batch_samples, as the "
+                "labels that are not -100): upgrade transformers, or set the ignored labels to -100 and "
+                "keep the default ignore_index."
+            )
+        kwargs["compute_loss_func"] = _TrainerCountedLossFunc(delta, ignore_index)
         super().__init__(*args, **kwargs)
 
     @property
     def as_softmax_loss_func(self) -> ASSoftmaxLossFunc:
         return self.compute_loss_func
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | int | None:
+        # The Trainer counts labels != -100. Count the loss's own ignore_index instead, and leave the
+        # rest to the Trainer: the accumulation window, the sum over processes, the parallel sizes.
+        ignore_index = self.as_softmax_loss_func.criterion.ignore_index
+        if ignore_index != HF_IGNORE_INDEX:
+            batch_samples = [_mark_ignored_labels(batch, ignore_index) for batch in batch_samples]
+        return super()._get_num_items_in_batch(batch_samples, device)
 
     def _as_softmax_ratio(self, counts: tuple[Tensor, Tensor] | None) -> float | None:
         """Masked / valid over all processes; ``None`` when no process made a loss call. Every

@@ -59,7 +59,8 @@ def _stage_keys(stage: str, masked_ratio: bool) -> tuple[str, ...]:
 
 class OutputLayer(Protocol):
     """What :meth:`ASSoftmaxMixin.as_softmax_head_loss` needs of an output layer (the heads of
-    :mod:`lightning_assoftmax.heads` have it)."""
+    :mod:`lightning_assoftmax.heads` have it). A ``mean_weight(target, *, ignore_index)`` method,
+    if present, gives what its ``"mean"`` divides by (else the non-ignored count)."""
 
     def loss_and_stats(
         self, hidden: Tensor, target: Tensor, *, delta: float | None, ignore_index: int
@@ -233,7 +234,8 @@ class ASSoftmaxMixin:
             if self.as_softmax_loss_name == "as_softmax":
                 criterion.delta = delta  # DeltaWarmup moves the training delta between batches
             if getattr(criterion, "needs_class_counts", False) and stage is not None:
-                criterion.set_class_counts(self._as_softmax_training_class_counts(logits))
+                num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+                criterion.set_class_counts(self._as_softmax_training_class_counts(num_classes))
             loss, masked, count = criterion.loss_and_stats(logits, target)
         if stage == "train" and self.as_softmax_track_masked_samples:
             self._as_softmax_record_masked_samples(logits, target, delta)
@@ -303,6 +305,9 @@ class ASSoftmaxMixin:
         delta = None
         if self.as_softmax_loss_name == "as_softmax":
             delta = self.as_softmax_delta if stage in (None, "train") else self.as_softmax_target_delta
+        criterion = getattr(head, "criterion", None)  # dense's softmax-family loss
+        if getattr(criterion, "needs_class_counts", False) and stage is not None:
+            criterion.set_class_counts(self._as_softmax_training_class_counts(head.num_classes))
         # A sampled head would draw other candidates in a second call: the flags come from this one.
         track = stage == "train" and self.as_softmax_track_masked_samples
         loss, masked, count = head.loss_and_stats(
@@ -314,15 +319,19 @@ class ASSoftmaxMixin:
         )
         if not self.as_softmax_reports_masked:
             masked = torch.zeros_like(masked)
+        # What the head's mean divides by: a class-weighted loss divides by the targets' weights.
+        mean_weight = getattr(head, "mean_weight", None)
+        with torch.no_grad():
+            norm = count if mean_weight is None else mean_weight(target, ignore_index=self.as_softmax_ignore_index)
         if track:
-            loss = self._as_softmax_mean_recording_flags(loss, count, target, head.counts_masked(delta))
+            loss = self._as_softmax_mean_recording_flags(loss, norm, target, head.counts_masked(delta))
         if log and stage is not None:
             log_p = None
             if stage != "train":
                 with torch.no_grad():
                     log_p = head.log_prob(hidden.detach()).flatten(0, -2)  # (M, C): rows, classes
                 target = target.reshape(-1)
-            self._as_softmax_log(stage, loss, masked, count, log_p, target, log_probs=True)
+            self._as_softmax_log(stage, loss, masked, count, log_p, target, log_probs=True, loss_weight=norm)
         return loss
 
     # -- internals --------------------------------------------------------------------------
@@ -369,7 +378,7 @@ class ASSoftmaxMixin:
             )
         return build_loss(loss, **own_kwargs, **loss_kwargs)
 
-    def _as_softmax_training_class_counts(self, logits: Tensor) -> Tensor:
+    def _as_softmax_training_class_counts(self, num_classes: int) -> Tensor:
         """Per-class counts of the training labels, for ``weighted_softmax(weight="balanced")``:
         the datamodule's ``class_counts`` if it has one, else one pass over the training dataset."""
         trainer = self._trainer
@@ -389,7 +398,6 @@ class ASSoftmaxMixin:
                 "`class_counts` attribute (one count per class), or pass loss_kwargs={'class_counts': "
                 "[...]} or explicit weights (loss_kwargs={'weight': [...]})."
             )
-        num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
         return count_class_labels(
             (_label_of(item) for item in dataset), num_classes, self.as_softmax_ignore_index
         )
@@ -416,15 +424,17 @@ class ASSoftmaxMixin:
         self._as_softmax_store_masked_samples(rows, n, logits.device)
 
     def _as_softmax_mean_recording_flags(
-        self, rows: Tensor, count: Tensor, target: Tensor, counts_masked: bool
+        self, rows: Tensor, norm: Tensor, target: Tensor, counts_masked: bool
     ) -> Tensor:
-        """The mean over non-ignored positions of one loss call's ``reduction="none"`` rows
-        (shaped like ``target``, 0 at ignored positions), recording each sample's masked flag
-        (for ``SkipMaskedSamples``) from those same rows: no second evaluation of the loss."""
+        """The mean of one loss call's ``reduction="none"`` rows (shaped like ``target``, 0 at
+        ignored positions): their sum over ``norm``, what the loss's own mean divides by (the
+        non-ignored count, or a class-weighted loss's sum of weights; 1 when it is 0). Records each
+        sample's masked flag (for ``SkipMaskedSamples``) from those same rows: no second
+        evaluation of the loss."""
         n = target.shape[0] if target.dim() else 1
         flagged = rows if self.as_softmax_reports_masked and counts_masked else None
         self._as_softmax_store_masked_samples(flagged, n, rows.device)
-        return rows.sum() / count.clamp(min=1).to(rows.dtype)
+        return rows.sum() / torch.where(norm > 0, norm, torch.ones_like(norm)).to(rows.dtype)
 
     def _as_softmax_store_masked_samples(self, rows: Tensor | None, n: int, device: torch.device) -> None:
         """Keep a batch's per-sample flags from a loss call's ``reduction="none"`` rows (``None``:
@@ -504,9 +514,11 @@ class ASSoftmaxMixin:
         target: Tensor,
         *,
         log_probs: bool = False,
+        loss_weight: Tensor | None = None,
     ) -> None:
         """Update and log the stage's metrics; ``logits`` may be ``None`` in training (unused
-        there), and ``log_probs`` says they are a head's normalised log-probabilities."""
+        there), ``log_probs`` says they are a head's normalised log-probabilities, and
+        ``loss_weight`` is what the loss's mean divided by (default: the criterion's rule)."""
         results = getattr(self._trainer, "_results", None)
         # The index Lightning's self.log appends as /dataloader_idx_<n> (None with one dataloader).
         dataloader_idx = getattr(results, "dataloader_idx", None)
@@ -534,8 +546,9 @@ class ASSoftmaxMixin:
         # Tensors all the way: an all-ignored batch has count 0 and adds nothing (no Python test).
         # Batch means weighted by what each batch's mean divides by give the exact epoch mean
         # (the sum of the targets' class weights for weighted_softmax, the sample count otherwise).
-        mean_weight = getattr(self.as_softmax_criterion, "mean_weight", None)
-        loss_weight = mean_weight(target) if mean_weight is not None else count
+        if loss_weight is None:
+            mean_weight = getattr(self.as_softmax_criterion, "mean_weight", None)
+            loss_weight = mean_weight(target) if mean_weight is not None else count
         updates: dict[str, tuple[tuple, dict]] = {"loss": ((loss.detach().float(), loss_weight), {})}
         if "masked_ratio" in names:
             updates["masked_ratio"] = ((), {"masked_count": masked, "valid_count": count})

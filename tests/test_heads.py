@@ -356,6 +356,43 @@ def test_every_parameter_gets_a_gradient_when_the_batch_holds_one_frequent_class
         assert torch.all(head.class_weight.grad == 0) and head.cluster_weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("ignore_index", [-100, -7])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dense_weighted_softmax_reduces_as_cross_entropy_with_weights(reduction, ignore_index):
+    weight = torch.rand(V, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 3
+    head = build_head("dense", H, V, loss="weighted_softmax", loss_kwargs={"weight": weight.tolist()}).double()
+    hidden = (torch.randn(4, 6, H, dtype=torch.float64) * 2).requires_grad_()
+    target = torch.randint(0, V, (4, 6))
+    target[:, ::3] = ignore_index
+    got = head.loss(hidden, target, ignore_index=ignore_index, reduction=reduction)
+    (got_grad,) = torch.autograd.grad(got.sum(), hidden)
+
+    plain = hidden.detach().requires_grad_()
+    logits = F.linear(plain, head.linear.weight.detach(), head.linear.bias.detach()).movedim(-1, 1)  # (N, V, L)
+    want = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+    (want_grad,) = torch.autograd.grad(want.sum(), plain)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    if reduction == "mean":  # the divisor is the targets' total weight, not the 16 rows
+        valid = target != ignore_index
+        torch.testing.assert_close(head.mean_weight(target, ignore_index=ignore_index), weight[target[valid]].sum())
+
+
+def test_dense_weighted_softmax_weights_the_z_loss_with_its_row():
+    weight = torch.tensor([0.5, 2.0, 1.0, 4.0], dtype=torch.float64)
+    head = build_head("dense", H, 4, loss="weighted_softmax", loss_kwargs={"weight": weight.tolist()}, z_loss=0.1).double()
+    hidden, target = torch.randn(9, H, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 3, 1, -100, 0, 2])
+    valid = target >= 0
+    z = head.linear(hidden[valid]).detach()
+    w = weight[target[valid]]
+    rows = w * (torch.logsumexp(z, 1) - z.gather(1, target[valid, None])[:, 0] + 0.1 * torch.logsumexp(z, 1) ** 2)
+    torch.testing.assert_close(head.loss(hidden, target), rows.sum() / w.sum())
+    torch.testing.assert_close(head.loss(hidden, target, reduction="sum"), rows.sum())
+    # all-zero weights on the batch's targets: a loss of 0, as F.cross_entropy(weight=) gives NaN
+    zeros = build_head("dense", H, 4, loss="weighted_softmax", loss_kwargs={"weight": [0.0, 0.0, 1.0, 1.0]}).double()
+    assert zeros.loss(hidden[:2], target[:2]).item() == 0.0
+
+
 def test_huffman_tree_has_the_optimal_expected_path_length():
     head = make_head("hierarchical")
     # A Huffman code's total cost is the sum of the weights of all merges.

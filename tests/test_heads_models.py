@@ -105,6 +105,61 @@ def test_validation_metrics_come_from_the_heads_exact_distribution(head, loss, o
     assert torch.equal(predicted.reshape(-1), log_p.argmax(1))
 
 
+@pytest.mark.parametrize("skip_masked", [False, True])
+def test_weighted_dense_head_takes_the_mean_over_the_targets_weights(skip_masked, one_thread):
+    """Each step's loss and the epoch's val/loss are F.cross_entropy(weight=) means, also when
+    SkipMaskedSamples makes the mixin reduce the head's per-row losses itself."""
+    from lightning_assoftmax import SkipMaskedSamples
+
+    weight = torch.linspace(0.2, 5.0, V, dtype=torch.float64)[torch.randperm(V, generator=torch.Generator().manual_seed(4))]
+    model = token_model("dense", loss="weighted_softmax", loss_kwargs={"weight": weight.tolist()})
+    w32 = weight.float()
+
+    def reference(batch):
+        with torch.no_grad():
+            logits = model.output.linear(model.features(batch["input_ids"]))
+        return F.cross_entropy(logits.transpose(1, 2), batch["labels"], weight=w32)
+
+    class Check(L.Callback):
+        steps = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.want = reference(batch)  # the weights the step's loss was computed with
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.testing.assert_close(outputs["loss"].detach(), self.want, rtol=1e-5, atol=1e-6)
+            Check.steps += 1
+
+    callbacks = [Check()] + ([SkipMaskedSamples()] if skip_masked else [])
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+    )
+    val = token_batches(1)
+    trainer.fit(model, DataLoader(token_batches(0), batch_size=8), DataLoader(val, batch_size=8))
+    assert Check.steps == 3
+    batch = {k: torch.stack([item[k] for item in val]) for k in ("input_ids", "labels")}
+    model.eval()
+    # The epoch value over the 3 batches: the weighted mean over all their targets, not a mean of batch means.
+    torch.testing.assert_close(trainer.callback_metrics["val/loss"], reference(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_dense_head_takes_balanced_weights_from_the_training_labels(one_thread):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, V, (16, 11), generator=g)
+    ids[:4].view(-1)[:V] = torch.arange(V)  # every class among the labels
+    items = [{"input_ids": row[:-1], "labels": row[1:]} for row in ids]
+    model = token_model("dense", loss="weighted_softmax")
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(model, DataLoader(items, batch_size=8), DataLoader(items[:8], batch_size=8))
+    labels = ids[:, 1:].reshape(-1)
+    n_c = torch.bincount(labels, minlength=V).double()
+    torch.testing.assert_close(model.output.criterion.class_weight, labels.numel() / (V * n_c))
+
+
 @pytest.mark.parametrize("head", ["adaptive", "hierarchical"])
 def test_training_with_a_head_learns_a_deterministic_sequence(head, one_thread):
     """Next id = (3 * id + 1) mod V: learnt with AS-Softmax on the head."""

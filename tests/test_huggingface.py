@@ -113,6 +113,61 @@ def test_trainer_step_is_the_mean_over_the_accumulated_labels_and_logs_the_maske
         ASSoftmaxTrainer(model=model, args=args, compute_loss_func=lambda *a, **k: 0)
 
 
+def test_trainer_with_its_own_ignore_index_takes_the_mean_over_its_labels(tmp_path):
+    # transformers counts num_items_in_batch as labels != -100. With ignore_index=-1 the padding
+    # must leave the divisor too, in training (over the accumulated micro-batches) and evaluation.
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 8, generator=gen)
+    y = torch.randint(0, 4, (8,), generator=gen)
+    y[[0, 1, 2, 6]] = -1  # the micro-batches hold 1 and 3 of the 4 labels that count
+    model = TinyModel()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        per_device_eval_batch_size=4, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, disable_tqdm=True,
+    )
+    trainer = ASSoftmaxTrainer(
+        model=model, args=args, train_dataset=Rows(x, y), eval_dataset=Rows(x, y), delta=0.3, ignore_index=-1
+    )
+    trainer.train()
+
+    # Plain float64 reference: cross entropy over the kept classes, mean over the 4 labelled rows.
+    params = [p.to(torch.float64).requires_grad_(True) for p in before]
+    logits = F.linear(x.double(), params[0], params[1]) * 4
+    valid = y != -1
+    rows = reference_as_softmax(logits[valid], y[valid], 0.3, reduction="none")
+    loss = rows.sum() / 4
+    grads = torch.autograd.grad(loss, params)
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), (p0 - 0.1 * g).float(), rtol=1e-5, atol=1e-6)
+    (entry,) = [e for e in trainer.state.log_history if "loss" in e]
+    assert entry["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+
+    # Evaluation: the mean of the per-batch means (batches of 4: 1 and 3 labels), as the Trainer averages them.
+    with torch.no_grad():
+        logits = model(x)["logits"].double()
+    first, second = (
+        reference_as_softmax(logits[i : i + 4][valid[i : i + 4]], y[i : i + 4][valid[i : i + 4]], 0.3)
+        for i in (0, 4)
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(float((first + second) / 2), rel=1e-5)
+
+
+def test_loss_func_refuses_an_ignore_index_the_trainer_does_not_count(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"ignore_index=-1\).*not -100.*ASSoftmaxTrainer\(\.\.\., ignore_index=-1\)"):
+        ASSoftmaxLossFunc(delta=0.1, ignore_index=-1)
+    # A transformers release that counts the labels where ASSoftmaxTrainer cannot change the rule.
+    import transformers
+
+    monkeypatch.delattr(transformers.Trainer, "_get_num_items_in_batch")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=r"ignore_index=-1\) needs a newer transformers release"):
+        ASSoftmaxTrainer(model=TinyModel(), args=args, ignore_index=-1)
+
+
 @pytest.mark.slow
 def test_example_fine_tunes_minilm_with_the_masked_ratio_in_the_logs(tmp_path):
     spec = importlib.util.spec_from_file_location("huggingface_trainer", EXAMPLES / "huggingface_trainer.py")

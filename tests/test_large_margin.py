@@ -173,6 +173,22 @@ def test_arcface_fallback_is_covered_by_the_reference_comparison():
     torch.testing.assert_close(got, expected.detach())
 
 
+def test_arcface_fallback_drops_below_the_margin_branch_at_pi_minus_m():
+    # The published fallback s (c - m sin m) is not continuous with s cos(theta + m): at
+    # theta = pi - m it lies s (cos m + m sin m - 1) lower (0.1173 s at m = 0.5), and it keeps
+    # decreasing in theta past that point.
+    m, s, eps = 0.5, 1.0, 1e-6
+    loss = build_loss("arcface", scale=s, margin=m)
+    thetas = torch.tensor([math.pi - m - eps, math.pi - m + eps, math.pi - m + 0.1], dtype=torch.float64)
+    cosines = torch.stack([torch.cos(thetas), torch.zeros_like(thetas)], dim=1)
+    target_logit = loss.margin_logits(cosines, torch.zeros(3, dtype=torch.long))[:, 0]
+    before, after, further = target_logit.tolist()
+    assert before == pytest.approx(-1.0, abs=1e-5)
+    assert after == pytest.approx(-math.cos(m) - m * math.sin(m), abs=1e-5)
+    assert before - after == pytest.approx(math.cos(m) + m * math.sin(m) - 1, abs=1e-5)
+    assert further < after
+
+
 # -- pytorch-metric-learning as the reference -------------------------------------------------------
 def _pml_pair(name: str, pml_class: str, ours: dict, theirs: dict, seed: int = 0):
     from pytorch_metric_learning import losses as pml

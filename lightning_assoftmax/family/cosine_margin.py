@@ -9,8 +9,10 @@ With :math:`c_i = \cos\theta_i` the head's cosines, target :math:`t` and scale :
   CVPR 2019, arXiv 1801.07698): the target's angle grows by :math:`m`,
   :math:`\tilde z_t = s \cos(\theta_t + m)`, others :math:`s\,c_i`. Past
   :math:`\theta_t + m > \pi` the cosine would rise again (a larger angle would be rewarded), so
-  there the target logit is :math:`s(c_t - m \sin m)` instead, the published implementation's
-  fallback (continuous at :math:`\theta_t = \pi - m`, decreasing in :math:`\theta_t`).
+  there the target logit is :math:`s(c_t - m \sin m)` instead, the fallback of the published
+  implementation (insightface), which pytorch-metric-learning also uses. It decreases in
+  :math:`\theta_t` but is not continuous with the margin branch: at :math:`\theta_t = \pi - m`
+  it lies :math:`s(\cos m + m \sin m - 1)` below it (:math:`0.117\,s` at :math:`m = 0.5`).
 
 ``cosface`` / ``am_softmax`` (additive cosine margin) live in :mod:`.am_softmax`.
 :math:`\cos(\theta + m) = c\cos m - \sqrt{1 - c^2}\,\sin m` is computed without ``acos``; the

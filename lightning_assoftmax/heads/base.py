@@ -107,8 +107,9 @@ class OutputHead(nn.Module, abc.ABC):
             target: ``(...)`` class indices; ``ignore_index`` positions get neither loss nor gradient.
             delta: the AS-Softmax margin, or ``None``.
             ignore_index: target value to skip.
-            reduction: ``"mean"`` (over non-ignored positions; 0 if there are none), ``"sum"`` or
-                ``"none"`` (shaped like ``target``, 0 at ignored positions).
+            reduction: ``"mean"`` (over non-ignored positions, divided by :meth:`mean_weight`;
+                0 if there are none), ``"sum"`` or ``"none"`` (shaped like ``target``, 0 at
+                ignored positions).
         """
         return self.loss_and_stats(hidden, target, delta=delta, ignore_index=ignore_index, reduction=reduction)[0]
 
@@ -150,8 +151,16 @@ class OutputHead(nn.Module, abc.ABC):
             return full.reshape(target.shape), masked, valid_count
         total = losses.sum()
         if reduction == "mean":
-            total = total / valid_count.clamp(min=1).to(total.dtype)
+            with torch.no_grad():
+                norm = self.mean_weight(flat_target, ignore_index=ignore_index)
+            total = total / torch.where(norm > 0, norm, torch.ones_like(norm)).to(total.dtype)
         return total, masked, valid_count
+
+    def mean_weight(self, target: Tensor, *, ignore_index: int = -100) -> Tensor:
+        """What ``reduction="mean"`` divides the summed loss by for ``target`` (a 0-dim tensor):
+        the number of non-ignored positions (a class-weighted loss: the sum of their weights).
+        Batch means weighted by it average to the mean over all the batches' positions."""
+        return (target != ignore_index).sum()
 
     def log_prob(self, hidden: Tensor) -> Tensor:
         """Exact log-probabilities ``(..., num_classes)`` of the head's normalised distribution

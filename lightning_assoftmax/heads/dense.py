@@ -39,6 +39,9 @@ class DenseHead(OutputHead):
 
     ``loss(hidden, target, delta=d)`` is ``as_softmax_cross_entropy`` of the logits (for
     ``loss="softmax"`` or ``"as_softmax"``); without ``delta`` it is the configured loss.
+    ``loss="weighted_softmax"`` reduces as ``F.cross_entropy(weight=...)`` does: each row's loss
+    (the z-loss penalty included) is multiplied by its target's class weight, and ``"mean"``
+    divides by the sum of those weights (:meth:`mean_weight`), not by the number of rows.
 
     Example:
         >>> import torch
@@ -94,8 +97,24 @@ class DenseHead(OutputHead):
         else:
             losses = self.criterion(logits, target)
         if self.z_loss:
-            losses = losses + self.z_loss * torch.logsumexp(logits.to(compute_dtype(logits.dtype)), dim=1) ** 2
+            penalty = self.z_loss * torch.logsumexp(logits.to(compute_dtype(logits.dtype)), dim=1) ** 2
+            weight = self._class_weight()
+            if weight is not None:  # the criterion weighted its rows; the penalty is part of them
+                penalty = penalty * weight.to(device=penalty.device, dtype=penalty.dtype)[target]
+            losses = losses + penalty
         return losses
+
+    def mean_weight(self, target: Tensor, *, ignore_index: int = -100) -> Tensor:
+        weight = self._class_weight()
+        if weight is None:
+            return super().mean_weight(target, ignore_index=ignore_index)
+        valid = target != ignore_index
+        # Ignored positions read any class's weight and are multiplied by 0 (no host sync).
+        return (weight.to(target.device)[target.clamp(0, self.num_classes - 1)] * valid).sum()
+
+    def _class_weight(self) -> Tensor | None:
+        """The class weights ``(V,)`` of a class-weighted loss (``weighted_softmax``), else ``None``."""
+        return getattr(self.criterion, "class_weight", None)
 
     def log_prob_rows(self, hidden: Tensor) -> Tensor:
         logits = self.linear(hidden).to(compute_dtype(hidden.dtype))
