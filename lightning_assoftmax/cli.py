@@ -184,7 +184,7 @@ class RunConfigCallback(SaveConfigCallback):
         self.overwrite = self.overwrite or trainer.logger is None or stage != "fit"
         super().setup(trainer, pl_module, stage)
         self.path = os.path.join(trainer.log_dir or trainer.default_root_dir, self.config_filename)
-        rank_zero_info(f"{stage}: config saved to {self.path}")
+        rank_zero_info(f"{getattr(stage, 'value', stage)}: config saved to {self.path}")
 
 
 class ASSoftmaxCLI(LightningCLI):
