@@ -10,6 +10,7 @@ from lightning_assoftmax.callbacks import (
     DeltaWarmup,
     LossAccuracyCorrelation,
     MarginAnnealing,
+    PredictionWriter,
     SkipMaskedSamples,
 )
 from lightning_assoftmax.family import CosineClassifier, build_loss, classifier_head
@@ -30,6 +31,7 @@ __all__ = [
     "MarginAnnealing",
     "MaskedSampleRatio",
     "MultiLabelASSoftmaxLoss",
+    "PredictionWriter",
     "SkipMaskedSamples",
     "__version__",
     "build_loss",

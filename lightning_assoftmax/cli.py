@@ -9,14 +9,21 @@ Examples::
 
 Model and data are chosen by class; short names resolve for every imported ``LightningModule``,
 ``LightningDataModule`` and ``Callback`` (the bundle's are imported here), full class paths for
-your own. The datamodule's ``num_classes``, ``vocab_size``, ``multilabel`` and ``class_counts`` are
-copied into the model's arguments of the same name. After ``fit`` a summary table is printed.
+your own; a chosen class starts from its own defaults. The datamodule's ``num_classes``,
+``vocab_size``, ``multilabel``, ``class_counts`` and ``class_names`` are copied into the model's
+arguments of the same name. ``fit`` without a stopping point stops after
+:data:`DEFAULT_MAX_EPOCHS` epochs. Each run writes into a folder named for its loss
+(``lightning_logs/<loss>/version_<n>``) with a ``metrics.csv`` beside any logger; ``test`` and
+``predict`` of a checkpoint write into ``<run>/test`` and ``<run>/predict`` of the checkpoint's run,
+``predict`` a predictions file with label names. After ``fit`` a summary table is printed.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
+import re
 import sys
 import time
 import warnings
@@ -25,9 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
+import torch
+from jsonargparse import Namespace
+from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+import lightning_assoftmax
 
 # Imported so that their classes resolve by short name (jsonargparse looks among loaded subclasses).
 from lightning_assoftmax.callbacks import (  # noqa: F401
@@ -35,6 +48,7 @@ from lightning_assoftmax.callbacks import (  # noqa: F401
     DeltaWarmup,
     LossAccuracyCorrelation,
     MarginAnnealing,
+    PredictionWriter,
     SkipMaskedSamples,
 )
 from lightning_assoftmax.data import (  # noqa: F401
@@ -49,7 +63,22 @@ from lightning_assoftmax.data import (  # noqa: F401
 )
 from lightning_assoftmax.models import ImageClassifier, TextClassifier, TokenClassifier  # noqa: F401
 
-__all__ = ["ASSoftmaxCLI", "main", "run_summary"]
+__all__ = ["DEFAULT_MAX_EPOCHS", "ASSoftmaxCLI", "main", "run_summary"]
+
+#: Epochs ``fit`` runs when no stopping point (``max_epochs``, ``max_steps``, ``max_time``) is given;
+#: Lightning's own default would be 1000.
+DEFAULT_MAX_EPOCHS = 10
+
+DESCRIPTION = (
+    "lightning-assoftmax: train, test and predict with Adaptive Sparse Softmax (AS-Softmax) and the "
+    "softmax family on PyTorch Lightning. Ready-made models (TextClassifier, TokenClassifier, "
+    "ImageClassifier), offline data (BBCNews, BBCNewsTokens, CLINC150, Banking77, HWU64, DBpedia219, "
+    "Digits, TextFile for your own CSV / JSON Lines) and callbacks (AdaptiveGradAccumulation, "
+    "SkipMaskedSamples, DeltaWarmup, LossAccuracyCorrelation, MarginAnnealing, PredictionWriter) by "
+    f"short name. fit stops after {DEFAULT_MAX_EPOCHS} epochs unless --trainer.max_epochs, max_steps or "
+    "max_time is given. Each run writes into lightning_logs/<loss>/version_<n> (config.yaml, "
+    "metrics.csv, checkpoints); test and predict with --ckpt_path write next to that checkpoint's run."
+)
 
 # Datamodule attributes copied into the model's init arguments of the same name (when it has one),
 # with the value used when a datamodule lacks the attribute. ``class_counts`` feeds the
@@ -59,6 +88,7 @@ MODEL_ARGS_FROM_DATA: dict[str, Any] = {
     "vocab_size": None,
     "multilabel": False,
     "class_counts": None,
+    "class_names": None,
 }
 
 _SUMMARY_METRICS = ("val/acc", "val/loss", "val/ce_loss", "val/masked_ratio", "train/masked_ratio_epoch")
@@ -74,7 +104,9 @@ _CONFIG_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
 
 def _from_data(name: str, default: Any) -> Callable[[L.LightningDataModule], Any]:
     def read(datamodule: L.LightningDataModule) -> Any:
-        return getattr(datamodule, name, default)
+        value = getattr(datamodule, name, default)
+        # A list of str: stored as is in the checkpoint and hparams.yaml (a tuple would not be).
+        return [str(item) for item in value] if name == "class_names" and value is not None else value
 
     read.__name__ = f"datamodule_{name}"
     return read
@@ -114,19 +146,82 @@ def _unwrap(error: BaseException) -> BaseException:
     return error
 
 
+class ChosenClassDefaultsParser(LightningArgumentParser):
+    """A ``LightningArgumentParser`` whose default ``model`` / ``data`` hold only the class.
+
+    When the class changes (``--data=TextFile`` over the default ``BBCNews``), jsonargparse keeps
+    the earlier class's ``init_args`` that the new class also accepts; with the default class's
+    defaults in place, ``TextFile`` would silently get ``BBCNews``'s ``val_fraction`` and
+    ``max_length``. Without them the chosen class starts from its own defaults (filled in at the end
+    of parsing), and a value given on the command line still carries over as jsonargparse intends.
+    """
+
+    def get_defaults(self, *args: Any, **kwargs: Any) -> Namespace:
+        defaults = super().get_defaults(*args, **kwargs)
+        for key in ("model", "data"):
+            value = defaults.get(key)
+            if isinstance(value, Namespace) and "init_args" in value:
+                del value["init_args"]
+        return defaults
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Saves the run's config as ``config.yaml`` in its log directory and says where.
+
+    A fit with a logger writes into its own new version folder. Without a logger every run in
+    ``default_root_dir`` shares that folder, and ``test`` / ``predict`` of a checkpoint write into
+    ``<run>/<subcommand>``: the file there is overwritten, so the same command can run twice.
+
+    Attributes:
+        path: where the config was written (``None`` before).
+    """
+
+    path: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        self.overwrite = self.overwrite or trainer.logger is None or stage != "fit"
+        super().setup(trainer, pl_module, stage)
+        self.path = os.path.join(trainer.log_dir or trainer.default_root_dir, self.config_filename)
+        rank_zero_info(f"{getattr(stage, 'value', stage)}: config saved to {self.path}")
+
+
 class ASSoftmaxCLI(LightningCLI):
     """``LightningCLI`` with any ``LightningModule`` / ``LightningDataModule`` chosen by class.
 
-    Defaults: ``--model=TextClassifier --data=BBCNews`` and ``--seed_everything=0``. A value that
-    the model or datamodule rejects (``delta: 2``, a missing file) ends with a one-line error,
-    not a traceback.
+    Defaults: ``--model=TextClassifier --data=BBCNews`` and ``--seed_everything=0``; a chosen
+    class comes with its own defaults. A value that the model or datamodule rejects (``delta: 2``,
+    a missing file) ends with a one-line error, not a traceback.
+
+    Runs:
+
+    * ``fit`` with no ``max_epochs``, ``max_steps`` or ``max_time`` stops after
+      :data:`DEFAULT_MAX_EPOCHS` epochs (and says so).
+    * Without a logger configured, a run logs to TensorBoard (when installed) and CSV in
+      ``<default_root_dir>/lightning_logs/<loss>/version_<n>``, ``<loss>`` naming the loss and its
+      key settings (``as_softmax-delta0.1``). A configured logger is kept, with a ``CSVLogger``
+      beside it (same folder) unless one is configured: the summary reads ``metrics.csv``.
+    * ``validate`` / ``test`` / ``predict`` with ``--ckpt_path`` write into ``<run>/<subcommand>``
+      of the checkpoint's run folder (the parent of its ``checkpoints`` folder), not a new version;
+      the checkpoint's ``class_names`` go to a datamodule that takes them (``TextFile`` then needs
+      no training file).
+    * ``predict`` writes ``predictions.csv`` (:class:`~lightning_assoftmax.callbacks.PredictionWriter`)
+      unless a prediction writer is configured.
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_class", ChosenClassDefaultsParser)
+        kwargs.setdefault("save_config_callback", RunConfigCallback)
+        parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
+        parser_kwargs.setdefault("description", DESCRIPTION)
+        parser_kwargs.setdefault("version", lightning_assoftmax.__version__)
+        kwargs["parser_kwargs"] = parser_kwargs
         self._fit_started = math.nan
+        self._default_stop = False
         super().__init__(L.LightningModule, L.LightningDataModule, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -135,6 +230,9 @@ class ASSoftmaxCLI(LightningCLI):
             parser.link_arguments(
                 "data", f"model.init_args.{name}", compute_fn=_from_data(name, default), apply_on="instantiate"
             )
+
+    def before_instantiate_classes(self) -> None:
+        self._class_names_from_checkpoint()
 
     def instantiate_classes(self) -> None:
         try:
@@ -145,6 +243,80 @@ class ASSoftmaxCLI(LightningCLI):
                 raise
             self._parser(self.subcommand).error(f"{type(inner).__name__}: {inner}")
         self._drop_unused_links_from_hparams()
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if self.subcommand == "fit" and _no_stopping_point(config):
+            kwargs["max_epochs"] = DEFAULT_MAX_EPOCHS
+            self._default_stop = True
+        kwargs["logger"] = self._run_loggers(config.get("logger"), config.get("default_root_dir"))
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
+            kwargs["callbacks"] = [*callbacks, PredictionWriter()]
+        return super().instantiate_trainer(**kwargs)
+
+    # -- where a run writes -------------------------------------------------------------------
+    @property
+    def run_name(self) -> str:
+        """The loss and its key settings as a folder name, e.g. ``as_softmax-delta0.1``."""
+        description = getattr(self.model, "as_softmax_loss_description", None)
+        if not isinstance(description, str):
+            return type(self.model).__name__.lower() if self.model is not None else "run"
+        return _slug(description)
+
+    def _checkpoint_path(self) -> Path | None:
+        if self.subcommand in (None, "fit"):
+            return None
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        return Path(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
+
+    def _run_loggers(self, logger: Any, root: str | None) -> Any:
+        """The loggers of this run (see the class docstring); ``False`` stays ``False``."""
+        if logger is False:
+            return False
+        root = root or os.getcwd()
+        checkpoint = self._checkpoint_path()
+        configured = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+        if checkpoint is not None:
+            run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+            # version "" puts the files directly in <run>/<subcommand>, not in a version_<n> inside it.
+            place = {"save_dir": str(run_dir), "name": self.subcommand, "version": ""}
+            kinds = {type(lg) for lg in configured if isinstance(lg, (CSVLogger, TensorBoardLogger))}
+            if not configured:
+                kinds = {_default_logger_class()}
+            loggers = [lg for lg in configured if not isinstance(lg, (CSVLogger, TensorBoardLogger))]
+            loggers += [kind(**place) for kind in sorted(kinds, key=lambda k: k.__name__, reverse=True)]
+        elif not configured:
+            save_dir = os.path.join(root, "lightning_logs")
+            version = CSVLogger(save_dir, name=self.run_name).version  # the next free version_<n>
+            place = {"save_dir": save_dir, "name": self.run_name, "version": version}
+            loggers = [_default_logger_class()(**place)]
+        else:
+            loggers = configured
+        if not any(isinstance(lg, CSVLogger) for lg in loggers):
+            first = loggers[0]
+            if isinstance(first, TensorBoardLogger):
+                place = {"save_dir": first.save_dir, "name": first.name, "version": first.version}
+            else:
+                save_dir = os.path.join(root, "lightning_logs")
+                place = {"save_dir": save_dir, "name": self.run_name, "version": CSVLogger(save_dir, name=self.run_name).version}
+            loggers.append(CSVLogger(**place))
+        return loggers
+
+    def _class_names_from_checkpoint(self) -> None:
+        """Gives the checkpoint's ``class_names`` to a datamodule that takes them and has none."""
+        checkpoint = self._checkpoint_path()
+        if checkpoint is None:
+            return
+        data = self.config[self.subcommand].get("data")
+        init_args = data.get("init_args") if isinstance(data, Namespace) else None
+        if init_args is None or "class_names" not in init_args or init_args["class_names"] is not None:
+            return
+        stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        names = stored.get("hyper_parameters", {}).get("class_names")
+        if names:
+            init_args["class_names"] = [str(name) for name in names]
 
     def _drop_unused_links_from_hparams(self) -> None:
         # LightningCLI records every applied link target in the model's saved hyperparameters,
@@ -159,12 +331,39 @@ class ASSoftmaxCLI(LightningCLI):
                 if name not in accepted:
                     hparams.pop(name, None)
 
+    # -- subcommand hooks ---------------------------------------------------------------------
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
+        if self._default_stop:
+            rank_zero_info(
+                f"fit: no stopping point given, training stops after {DEFAULT_MAX_EPOCHS} epochs "
+                "(set --trainer.max_epochs, --trainer.max_steps or --trainer.max_time, or add EarlyStopping)."
+            )
 
     def after_fit(self) -> None:
         elapsed = time.perf_counter() - self._fit_started
-        _print_summary(run_summary(self.trainer), f"fit, {elapsed:.1f} s")
+        _print_summary(run_summary(self.trainer), run_title(self.model, self.datamodule, f"fit, {elapsed:.1f} s"))
+
+
+def _no_stopping_point(trainer_config: dict[str, Any]) -> bool:
+    return (
+        trainer_config.get("max_epochs") is None
+        and trainer_config.get("max_steps", -1) in (-1, None)
+        and trainer_config.get("max_time") is None
+        and not trainer_config.get("fast_dev_run")
+    )
+
+
+def _default_logger_class() -> type[Logger]:
+    # Lightning's own choice for Trainer(logger=True).
+    return TensorBoardLogger if (_TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE) else CSVLogger
+
+
+def _slug(description: str) -> str:
+    """``as_softmax(delta=0.1)`` -> ``as_softmax-delta0.1``: a folder name that keeps the settings."""
+    name, _, settings = description.partition("(")
+    parts = [name] + [re.sub(r"\s+", "", part).replace("=", "") for part in settings.rstrip(")").split(",") if part.strip()]
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", "-".join(parts))
 
 
 def _format(value: Any) -> str:
@@ -177,10 +376,22 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def run_title(model: Any, datamodule: Any, detail: str) -> str:
+    """The summary's title: the loss and its key settings, the model and the data, ``detail``."""
+    loss = getattr(model, "as_softmax_loss_description", None)
+    parts = [f"loss {loss}" if isinstance(loss, str) else None, type(model).__name__ if model is not None else None]
+    if datamodule is not None:
+        parts.append(f"on {type(datamodule).__name__}")
+    described = " ".join(part for part in parts[1:] if part)
+    head = ", ".join(part for part in (parts[0], described) if part)
+    return f"Run summary: {head} ({detail})"
+
+
 def run_summary(trainer: L.Trainer) -> list[tuple[str, str]]:
-    """Rows ``(name, value)`` describing a finished run: final validation metrics, the last
-    accumulation window, the training batches run (``SkipMaskedSamples``), the loss/accuracy
-    correlations and the files written ("n/a" if absent)."""
+    """Rows ``(name, value)`` describing a finished run: final validation metrics, the optimizer
+    steps (``trainer.global_step``) and the last accumulation window, the training batches run
+    (``SkipMaskedSamples``), the loss/accuracy correlations, and the files written: run folder,
+    config, metrics CSV, figure, checkpoint with its epoch and step ("n/a" if absent)."""
     metrics = trainer.callback_metrics
     rows = [(name, _format(metrics.get(name))) for name in _SUMMARY_METRICS]
     accumulation = next((cb for cb in trainer.callbacks if isinstance(cb, AdaptiveGradAccumulation)), None)
@@ -192,7 +403,7 @@ def run_summary(trainer: L.Trainer) -> list[tuple[str, str]]:
         rows.append(("accumulation window", str(accumulation.accumulate_grad_batches)))
         rows.append(("optimizer steps", f"{taken} for {plain} batches{saved}"))
     else:
-        rows += [("accumulation window", "n/a"), ("optimizer steps", "n/a")]
+        rows += [("accumulation window", "n/a"), ("optimizer steps", str(trainer.global_step))]
     skipping = next((cb for cb in trainer.callbacks if isinstance(cb, SkipMaskedSamples)), None)
     if skipping is not None:
         batches = skipping.summary()
@@ -202,6 +413,9 @@ def run_summary(trainer: L.Trainer) -> list[tuple[str, str]]:
     else:
         rows.append(("training batches", "n/a"))
     rows.extend((name, _format(metrics.get(name))) for name in _CORRELATION_METRICS)
+    rows.append(("run folder", str(trainer.log_dir) if trainer.loggers else "n/a"))
+    config = next((cb.path for cb in trainer.callbacks if isinstance(cb, RunConfigCallback) and cb.path), None)
+    rows.append(("config", config or "n/a"))
     csv_path = next(
         (Path(lg.experiment.metrics_file_path) for lg in trainer.loggers if isinstance(lg, CSVLogger)), None
     )
@@ -211,17 +425,30 @@ def run_summary(trainer: L.Trainer) -> list[tuple[str, str]]:
         None,
     )
     rows.append(("figure", str(figure) if figure else "n/a"))
-    checkpoint = trainer.checkpoint_callback
-    best = getattr(checkpoint, "best_model_path", "") or getattr(checkpoint, "last_model_path", "")
-    rows.append(("checkpoint", best or "n/a"))
+    rows.append(("checkpoint", _checkpoint_row(trainer.checkpoint_callback)))
     return rows
+
+
+def _checkpoint_row(checkpoint: Any) -> str:
+    """The checkpoint kept (the best one when a metric is monitored, else the last), with the
+    epoch and optimizer step it holds, which can be earlier than the end of the run."""
+    if not isinstance(checkpoint, ModelCheckpoint):
+        return "n/a"
+    path = checkpoint.best_model_path or checkpoint.last_model_path
+    if not path or not os.path.isfile(path):
+        return "n/a"
+    stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    held = f"epoch {stored.get('epoch')}, optimizer step {stored.get('global_step')}"
+    if checkpoint.monitor and checkpoint.best_model_path:
+        held = f"best {checkpoint.monitor} {_format(checkpoint.best_model_score)}, {held}"
+    return f"{path} ({held})"
 
 
 @rank_zero_only
 def _print_summary(rows: list[tuple[str, str]], title: str) -> None:
     width = max(len(name) for name, _ in rows)
-    line = "-" * (width + 2 + max(len(value) for _, value in rows))
-    print(f"\nAS-Softmax run summary ({title})\n{line}")
+    line = "-" * max(len(title), width + 2 + max(len(value) for _, value in rows))
+    print(f"\n{title}\n{line}")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print(line, flush=True)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_assoftmax.losses import ASSoftmaxLoss
@@ -142,7 +143,10 @@ class ASSoftmaxTrainer(Trainer):
     * ``masked_ratio`` in every training log entry (each ``logging_steps``): masked / non-ignored
       labels over the micro-batches since the previous entry, summed over processes;
     * ``<metric_key_prefix>_masked_ratio`` in the metrics of ``evaluate()`` (``eval_masked_ratio``)
-      and ``predict()`` (``test_masked_ratio``), over the whole evaluation set.
+      and ``predict()`` (``test_masked_ratio``), over the whole evaluation set;
+    * ``<metric_key_prefix>_ce_loss`` (``eval_ce_loss``) beside them: the plain cross entropy of the
+      same logits, mean over the non-ignored labels, the number a plain ``Trainer`` reports as
+      ``eval_loss`` (``eval_loss`` here is the AS-Softmax loss).
 
     The counts stay on the device between log entries; each entry reads them once, when the
     Trainer reads its own loss.
@@ -168,6 +172,8 @@ class ASSoftmaxTrainer(Trainer):
                 "keep the default ignore_index."
             )
         kwargs["compute_loss_func"] = _TrainerCountedLossFunc(delta, ignore_index)
+        # The evaluation's plain cross entropy, summed; None outside an evaluation loop.
+        self._as_softmax_ce_sum: Tensor | None = None
         super().__init__(*args, **kwargs)
 
     @property
@@ -181,6 +187,21 @@ class ASSoftmaxTrainer(Trainer):
         if ignore_index != HF_IGNORE_INDEX:
             batch_samples = [_mark_ignored_labels(batch, ignore_index) for batch in batch_samples]
         return super()._get_num_items_in_batch(batch_samples, device)
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        labels = inputs.get("labels")  # the Trainer pops them before calling the loss function
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self._as_softmax_ce_sum is not None and labels is not None:
+            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+            if logits.dim() > 2:
+                logits = logits.movedim(-1, 1)  # (N, L, C) -> (N, C, L)
+            ignore_index = self.as_softmax_loss_func.criterion.ignore_index
+            self._as_softmax_ce_sum = self._as_softmax_ce_sum + F.cross_entropy(
+                logits.detach().float(), labels, ignore_index=ignore_index, reduction="sum"
+            ).to(self._as_softmax_ce_sum.device)
+        return (loss, outputs) if return_outputs else loss
 
     def _as_softmax_ratio(self, counts: tuple[Tensor, Tensor] | None) -> float | None:
         """Masked / valid over all processes; ``None`` when no process made a loss call. Every
@@ -213,14 +234,20 @@ class ASSoftmaxTrainer(Trainer):
     ) -> Any:
         loss_func = self.as_softmax_loss_func
         training_counts = loss_func.pop_counts()  # an evaluation inside training: keep them apart
+        self._as_softmax_ce_sum = torch.zeros((), dtype=torch.float64, device=self.args.device)
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
             counts = loss_func.pop_counts()
+            ce_sum = self._as_softmax_ce_sum
         finally:
             loss_func.counts = training_counts
+            self._as_softmax_ce_sum = None
         ratio = self._as_softmax_ratio(counts)
         if ratio is not None:
             output.metrics[f"{metric_key_prefix}_masked_ratio"] = ratio
+            valid = counts[1].to(self.args.device).double() if counts is not None else ce_sum.new_zeros(())
+            total, valid = self.accelerator.reduce(torch.stack([ce_sum, valid]), reduction="sum").tolist()
+            output.metrics[f"{metric_key_prefix}_ce_loss"] = total / valid if valid else 0.0
         return output

@@ -64,7 +64,7 @@ def _fit(args: list[str]) -> ASSoftmaxCLI:
 
 def _summary(out: str) -> dict[str, str]:
     """The rows of the table printed after fit."""
-    table = out.split("AS-Softmax run summary", 1)[1].splitlines()[2:]
+    table = out.split("Run summary: ", 1)[1].splitlines()[2:]
     rows = [re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in table if "  " in line]
     return {name: value for name, value in rows}
 

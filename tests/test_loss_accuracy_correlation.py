@@ -253,9 +253,12 @@ def test_logged_correlations_match_independent_formulas(tmp_path, info_lines):
     val_steps = [step for step, metrics in logger.calls if "val/loss" in metrics]
     ours = [(step, m) for step, m in logger.calls if set(m) & set(DEFAULT_NAMES)]
     assert [step for step, _ in ours] == val_steps[2:]
-    assert ours[-1][1] == pytest.approx(final, abs=1e-5)
+    assert {k: v for k, v in ours[-1][1].items() if k != "epoch"} == pytest.approx(final, abs=1e-5)
+    # each row carries its epoch, as Lightning's own rows do (no empty epoch cell in metrics.csv)
+    assert [m["epoch"] for _, m in ours] == [float(epoch) for epoch in range(2, 6)]
 
-    sentence = [line for line in info_lines if line.startswith("validation AS loss vs accuracy")]
+    # the sentence names the loss the module trained with
+    sentence = [line for line in info_lines if line.startswith(f"validation as_softmax(delta={DELTA}) loss vs accuracy")]
     assert len(sentence) == 1
     assert f"Pearson {final['val/loss_acc_pearson']:+.2f}" in sentence[0]
     assert f"CE loss vs accuracy: Pearson {final['val/ce_loss_acc_pearson']:+.2f}" in sentence[0]

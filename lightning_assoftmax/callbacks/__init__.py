@@ -4,6 +4,7 @@ from lightning_assoftmax.callbacks.adaptive_grad_accumulation import AdaptiveGra
 from lightning_assoftmax.callbacks.delta_warmup import DeltaWarmup
 from lightning_assoftmax.callbacks.loss_accuracy_correlation import LossAccuracyCorrelation
 from lightning_assoftmax.callbacks.margin_annealing import MarginAnnealing
+from lightning_assoftmax.callbacks.prediction_writer import PredictionWriter
 from lightning_assoftmax.callbacks.skip_masked_samples import SkipMaskedSamples
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "DeltaWarmup",
     "LossAccuracyCorrelation",
     "MarginAnnealing",
+    "PredictionWriter",
     "SkipMaskedSamples",
 ]

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, 
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_assoftmax.callbacks._checks import warn_if_loss_never_masks
 from lightning_assoftmax.callbacks.step_outputs import training_step_counts
 from lightning_assoftmax.functional import next_accumulation_steps
 
@@ -206,6 +207,7 @@ class AdaptiveGradAccumulation(Callback):
                 "GradientAccumulationScheduler and AdaptiveGradAccumulation both set "
                 "trainer.accumulate_grad_batches; keep only one of them in Trainer(callbacks=...)."
             )
+        warn_if_loss_never_masks(pl_module, "AdaptiveGradAccumulation", "every optimizer step stays one batch")
 
     # -- the loop ---------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -29,7 +29,7 @@ _METHODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "spearman": spearman_corrcoef,
 }
 _DEFAULT_KEYS = {"loss": "val/loss", "ce_loss": "val/ce_loss", "acc": "val/acc"}
-_DEFAULT_LABELS = {"loss": "AS loss", "ce_loss": "CE loss", "acc": "accuracy"}
+_DEFAULT_LABELS = {"loss": "loss", "ce_loss": "CE loss", "acc": "accuracy"}
 
 
 class LossAccuracyCorrelation(Callback):
@@ -67,8 +67,9 @@ class LossAccuracyCorrelation(Callback):
     one): a module that does not log them fails there, with the names it does log.
 
     At the end of training it logs one comparison sentence (``compare()``), e.g.
-    ``validation AS loss vs accuracy: Pearson -0.95, Spearman -0.93; CE loss vs accuracy:
-    Pearson -0.12, Spearman -0.10 (8 validation runs)``, and writes a PNG into
+    ``validation as_softmax(delta=0.1) loss vs accuracy: Pearson -0.95, Spearman -0.93; CE loss vs
+    accuracy: Pearson -0.12, Spearman -0.10 (8 validation runs)`` (the loss is named by the
+    module's ``as_softmax_loss_description`` when it has one), and writes a PNG into
     ``trainer.log_dir`` (``default_root_dir`` without a logger): the three series per validation
     run, and loss against accuracy with the correlations in the legend. An attached
     ``TensorBoardLogger`` receives the same figure. The figure needs matplotlib
@@ -129,6 +130,7 @@ class LossAccuracyCorrelation(Callback):
         )
         self.figure_filename = figure_filename
         self.figure_path: str | None = None
+        self.loss_description: str | None = None
         self._history: list[dict[str, float | int]] = []
         self._correlations: dict[str, float] = {}
 
@@ -183,6 +185,10 @@ class LossAccuracyCorrelation(Callback):
             self._history = []
             self._correlations = {}
             self.figure_path = None
+        # The module's loss names the series ("label_smoothing loss"), so that runs with different
+        # losses can be told apart in the log line and the figure.
+        description = getattr(pl_module, "as_softmax_loss_description", None)
+        self.loss_description = description if isinstance(description, str) else None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every callback's setup (EarlyStopping decides there when it checks), before the
@@ -221,6 +227,8 @@ class LossAccuracyCorrelation(Callback):
             return
         trainer.logged_metrics.update(logged)
         scalars = {name: float(value) for name, value in logged.items()}
+        # As Lightning does for self.log values: a metrics.csv row then carries its epoch.
+        scalars["epoch"] = float(trainer.current_epoch)
         # The step Lightning logs validation values at (one behind global_step at an epoch's end),
         # so the correlations line up with val/loss in the loggers' plots.
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
@@ -245,7 +253,11 @@ class LossAccuracyCorrelation(Callback):
     # -- internals --------------------------------------------------------------------------
     def _label(self, role: str) -> str:
         key = self.keys[role]
-        return _DEFAULT_LABELS[role] if key == _DEFAULT_KEYS[role] else key
+        if key != _DEFAULT_KEYS[role]:
+            return key
+        if role == "loss" and self.loss_description:
+            return f"{self.loss_description} loss"
+        return _DEFAULT_LABELS[role]
 
     def _check_monitors(self, trainer: pl.Trainer) -> None:
         names = {self.metric_name(loss, method) for loss in self.losses for method in _METHODS}
@@ -374,7 +386,8 @@ class LossAccuracyCorrelation(Callback):
         scatter.set_ylabel(self._label("acc"))
         scatter.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1, frameon=False)
         scatter.set_title("loss vs accuracy across validation runs")
-        figure.suptitle(f"Validation loss vs accuracy ({len(runs)} validation runs)")
+        trained = f", trained with {self.loss_description}" if self.loss_description else ""
+        figure.suptitle(f"Validation loss vs accuracy ({len(runs)} validation runs{trained})")
         figure.tight_layout()
         return figure
 

@@ -25,6 +25,7 @@ from torch.utils.data import (
     SubsetRandomSampler,
 )
 
+from lightning_assoftmax.callbacks._checks import warn_if_loss_never_masks
 from lightning_assoftmax.functional.sample_rest import (
     live_samples,
     shard_indices,
@@ -181,6 +182,7 @@ class SkipMaskedSamples(Callback):
                 "SkipMaskedSamples could not find the training dataloader source of this Lightning "
                 f"version ({pl.__version__}); it needs lightning>=2.4."
             )
+        warn_if_loss_never_masks(pl_module, "SkipMaskedSamples", "every sample runs in every epoch")
         self._reset_state()
         self._trainer = trainer
         self._source = source

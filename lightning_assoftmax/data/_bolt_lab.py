@@ -126,6 +126,11 @@ class BoltLabDataModule(TokenizedTextDataModule):
             self._rows[split] = (texts, labels)
         return self._rows[split]
 
+    @property
+    def predict_texts(self) -> list[str]:
+        """The texts ``predict`` runs on (the test split), in order."""
+        return list(self.rows("test")[0])
+
     def _corpora(self) -> list[tuple[list[str], str]]:
         return [(self.rows(split)[0], f"Tokenizing {self.title} {split}") for split in SPLIT_FILES]
 

@@ -98,6 +98,17 @@ class BBCNews(TokenizedTextDataModule):
         self.num_classes = len(self.class_names)
         self.split_indices: dict[str, list[int]] = {}
 
+    @property
+    def predict_texts(self) -> list[str]:
+        """The articles ``predict`` runs on (the test split), in order; reads the split on first use."""
+        if not self.split_indices:
+            labels = load_bbc_news()[1]
+            self.split_indices = dict(
+                zip(("train", "val", "test"), stratified_split_indices(labels, self.val_fraction, self.test_fraction, self.seed), strict=True)
+            )
+        texts = load_bbc_news()[0]
+        return [texts[i] for i in self.split_indices["test"]]
+
     def _corpora(self) -> list[tuple[list[str], str]]:
         return [(load_bbc_news()[0], "Tokenizing BBC News")]
 

@@ -28,6 +28,7 @@ class Digits(SplitDataModule):
     """
 
     num_classes: int = 10
+    class_names: tuple[str, ...] = tuple(str(digit) for digit in range(10))
     in_channels: int = 1
     multilabel: bool = False
 

@@ -149,19 +149,23 @@ def read_labeled_texts(
 class TextFile(TokenizedTextDataModule):
     """Text classification from your own files: ``text,label`` rows in CSV/TSV or JSON Lines.
 
-    Classes are the sorted label names found in ``train_file``. Validation and test files may only
-    use those labels (an unknown one is reported with its file and line). Without ``val_file`` a
-    seeded ``val_fraction`` of the training rows is held out (stratified for single-label data).
+    Classes are the sorted label names found in ``train_file``, or ``class_names`` when given (the
+    CLI gives a checkpoint's names to ``test`` and ``predict``, which then need no training file).
+    Validation and test files may only use those labels (an unknown one is reported with its file
+    and line). Without ``val_file`` a seeded ``val_fraction`` of the training rows is held out
+    (stratified for single-label data).
 
     Multi-label (``multilabel=True``): a CSV label field holds several names separated by
     ``label_delimiter`` (``sports|politics``); a JSON Lines label may also be a list. Targets are
     then multi-hot floats (N, C) and ``multilabel`` tells the model to use the multi-label loss.
 
     Batches are dicts: ``input_ids`` (N, L) long, ``attention_mask`` (N, L), ``labels`` (N) long
-    or (N, C) float. Prediction reads ``predict_file`` (labels optional), else the test split.
+    or (N, C) float. Prediction reads ``predict_file`` (labels optional), else the test split;
+    ``predict_texts`` are its texts, in order.
 
     Args:
-        train_file: training rows (``.csv``, ``.tsv``, ``.jsonl``).
+        train_file: training rows (``.csv``, ``.tsv``, ``.jsonl``); may be None for ``test`` and
+            ``predict`` when ``class_names`` is given.
         val_file: validation rows; None holds out ``val_fraction`` of the training rows.
         test_file: test rows (optional).
         predict_file: rows to predict (optional; its label column is not needed).
@@ -176,11 +180,12 @@ class TextFile(TokenizedTextDataModule):
         tokenizer: tokenizer name or directory (default: bundled all-MiniLM-L6-v2, offline).
         cache_dir: where token ids are cached (default ``~/.cache/lightning_assoftmax``).
         num_workers: dataloader worker processes.
+        class_names: the label names in class order; None: the sorted names of ``train_file``.
     """
 
     def __init__(
         self,
-        train_file: str,
+        train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
         predict_file: str | None = None,
@@ -195,6 +200,7 @@ class TextFile(TokenizedTextDataModule):
         tokenizer: str = BUNDLED_MINILM,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__(batch_size, tokenizer, cache_dir, num_workers)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3:
@@ -213,9 +219,23 @@ class TextFile(TokenizedTextDataModule):
             "multilabel": self.multilabel,
             "label_delimiter": label_delimiter,
         }
-        self.files: dict[str, LabeledTexts] = {"train": read_labeled_texts(train_file, **options)}
-        assert self.files["train"].labels is not None
-        self.class_names = sorted({name for row in self.files["train"].labels for name in row})
+        self.files: dict[str, LabeledTexts] = {}
+        if train_file is None and class_names is None:
+            raise ValueError(
+                "TextFile needs train_file (the classes are its label names), or class_names to test "
+                "or predict with a trained model."
+            )
+        if class_names is not None:
+            if isinstance(class_names, str) or len(set(map(str, class_names))) != len(class_names):
+                raise ValueError(f"class_names must be a list of distinct label names, got {class_names!r}.")
+            self.class_names = [str(name) for name in class_names]
+        if train_file is not None:
+            self.files["train"] = read_labeled_texts(train_file, **options)
+            assert self.files["train"].labels is not None
+            if class_names is None:
+                self.class_names = sorted({name for row in self.files["train"].labels for name in row})
+            else:
+                self._check_known_labels(self.files["train"])
         if len(self.class_names) < 2 and not self.multilabel:
             raise ValueError(
                 f"{train_file}: all rows have the label {self.class_names[0]!r}; a classifier needs "
@@ -232,18 +252,28 @@ class TextFile(TokenizedTextDataModule):
     def _check_known_labels(self, rows: LabeledTexts) -> None:
         known = set(self.class_names)
         assert rows.labels is not None
+        from_file = "train" in self.files and self.files["train"] is not rows
+        source = f"the training file {self.files['train'].path}" if from_file else "class_names"
         for line, names in zip(rows.lines, rows.labels, strict=True):
             for name in names:
                 if name not in known:
                     listed = ", ".join(map(repr, self.class_names[:20])) + (", ..." if len(known) > 20 else "")
                     raise ValueError(
-                        f"{rows.path}:{line}: label {name!r} does not occur in the training file "
-                        f"{self.files['train'].path} (known labels: {listed}); fix the label or add "
-                        "training rows with it."
+                        f"{rows.path}:{line}: label {name!r} does not occur in {source} "
+                        f"(known labels: {listed}); fix the label or add training rows with it."
                     )
 
+    @property
+    def predict_texts(self) -> list[str]:
+        """The texts ``predict`` runs on (``predict_file``, else ``test_file``), in order."""
+        for split in ("predict", "test"):
+            if split in self.files:
+                return list(self.files[split].texts)
+        return []
+
     def _missing_split_hint(self, split: str) -> str:
-        return {"test": ": set test_file", "predict": ": set predict_file or test_file"}.get(split, "")
+        hints = {"train": ": set train_file", "test": ": set test_file", "predict": ": set predict_file or test_file"}
+        return hints.get(split, "")
 
     def encode_labels(self, rows: list[list[str]]) -> torch.Tensor:
         """Class indices (N) long, or multi-hot (N, C) float for multi-label data."""
@@ -261,7 +291,7 @@ class TextFile(TokenizedTextDataModule):
         parts: dict[str, tuple[list[str], list[list[str]] | None]] = {
             split: (rows.texts, rows.labels) for split, rows in self.files.items()
         }
-        if "val" not in self.files:
+        if "val" not in self.files and "train" in self.files:
             texts, labels = parts["train"]
             assert labels is not None
             if self.multilabel:

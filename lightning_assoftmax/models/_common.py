@@ -17,7 +17,7 @@ from lightning_assoftmax.heads import (
     head_kwarg_names,
 )
 
-__all__ = ["adamw", "keep_class_counts_if_used", "output_head"]
+__all__ = ["adamw", "check_class_names", "keep_class_counts_if_used", "output_head"]
 
 
 def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -94,3 +94,19 @@ def keep_class_counts_if_used(
         if hparams is not None and "class_counts" in hparams:
             hparams["class_counts"] = value
     return value
+
+
+def check_class_names(owner: str, class_names: Sequence[str] | None, num_classes: int) -> list[str] | None:
+    """``class_names`` as a list of ``num_classes`` strings (or ``None``), for the label names a
+    checkpoint carries (the CLI copies the datamodule's ``class_names``)."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+        raise TypeError(f"{owner}: class_names must be a list of label names, got {class_names!r}.")
+    names = [str(name) for name in class_names]
+    if len(names) != num_classes:
+        raise ValueError(
+            f"{owner}: class_names has {len(names)} names for num_classes={num_classes}; give one name "
+            "per class, in the order of the model's outputs."
+        )
+    return names

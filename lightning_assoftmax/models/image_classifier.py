@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import adamw
+from lightning_assoftmax.models._common import adamw, check_class_names
 
 __all__ = ["ImageClassifier"]
 
@@ -21,7 +22,8 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
     linear layer. Works for any image size >= 2x2.
 
     Batches are ``(images, labels)``: images (N, in_channels, H, W) float, labels (N) long
-    (or (N, C) 0/1 floats with ``multilabel=True``). ``predict_step`` returns class indices (N).
+    (or (N, C) 0/1 floats with ``multilabel=True``). ``predict_step`` returns class indices (N),
+    ``class_probabilities`` the probabilities (N, C) behind them.
 
     Args:
         num_classes: number of classes.
@@ -31,6 +33,8 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay on weight matrices.
         delta: the AS-Softmax margin in [0, 1].
+        class_names: the label of each class, in output order (the CLI copies the datamodule's
+            ``class_names``), so that a checkpoint names its predictions.
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
             ``multilabel``, ``ignore_index``.
     """
@@ -44,12 +48,14 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         delta: float = 0.1,
+        class_names: Sequence[str] | None = None,
         **as_softmax_options: Any,
     ) -> None:
         super().__init__(delta=delta, **as_softmax_options)
         self.save_hyperparameters()
         owner = type(self).__name__
         check_positive_int(num_classes, f"{owner}: num_classes", "The CLI takes it from the datamodule's num_classes.")
+        self.class_names = check_class_names(owner, class_names, num_classes)
         check_positive_int(in_channels, f"{owner}: in_channels")
         check_positive_int(channels, f"{owner}: channels")
         check_real(dropout, f"{owner}: dropout", low=0.0, high=1.0, low_inclusive=True)
@@ -84,6 +90,13 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         logits = self(images)
         return logits > 0 if self.as_softmax_multilabel else logits.argmax(dim=-1)
+
+    def class_probabilities(self, batch: tuple[Tensor, Tensor] | Tensor) -> Tensor:
+        """Probability of each class (N, C): softmax of the logits, per-class sigmoid for
+        multi-label data."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        logits = self(images).float()
+        return logits.sigmoid() if self.as_softmax_multilabel else logits.softmax(dim=-1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return adamw(self, self.lr, self.weight_decay)

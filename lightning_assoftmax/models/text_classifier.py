@@ -13,7 +13,12 @@ from lightning_assoftmax._pretrained import BUNDLED_MINILM, load_pretrained_enco
 from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import adamw, keep_class_counts_if_used, output_head
+from lightning_assoftmax.models._common import (
+    adamw,
+    check_class_names,
+    keep_class_counts_if_used,
+    output_head,
+)
 
 __all__ = ["TextClassifier"]
 
@@ -37,7 +42,8 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
 
     Batches are dicts with ``input_ids`` (N, L) long, ``attention_mask`` (N, L) (optional) and
     ``labels``: (N) class indices, or (N, C) 0/1 floats with ``multilabel=True``.
-    ``predict_step`` returns class indices (N), or a (N, C) bool tensor for multi-label.
+    ``predict_step`` returns class indices (N), or a (N, C) bool tensor for multi-label;
+    ``class_probabilities`` the probabilities (N, C) behind them.
 
     ``head="<name>"`` replaces the final linear layer with an output layer of
     :mod:`lightning_assoftmax.heads` (for many classes; single-label only); ``forward`` then
@@ -64,6 +70,8 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         head_kwargs: keywords of the head.
         class_counts: training count of each class, for the heads that use frequencies; the CLI
             takes it from the datamodule. Kept in the hyperparameters only when the head uses it.
+        class_names: the label of each class, in output order (the CLI copies the datamodule's
+            ``class_names``), so that a checkpoint names its predictions.
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss`` (another member
             of the softmax family, e.g. ``"softmax"`` for the plain baseline), ``loss_kwargs``,
             ``ignore_index``.
@@ -87,12 +95,15 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         head: str | None = None,
         head_kwargs: Mapping[str, Any] | None = None,
         class_counts: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
         **as_softmax_options: Any,
     ) -> None:
         super().__init__(delta=delta, multilabel=multilabel, **as_softmax_options)
         self.save_hyperparameters()
         class_counts = keep_class_counts_if_used(self, head, class_counts)
         owner = type(self).__name__
+        check_positive_int(num_classes, f"{owner}: num_classes", _LINK_HINT)
+        self.class_names = check_class_names(owner, class_names, num_classes)
         if head is not None and self.as_softmax_multilabel:
             raise ValueError(
                 f"{owner}: head={head!r} is a single-label output layer; use head=None with multilabel=True."
@@ -199,6 +210,14 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
             return self.output.predict(self._hidden(batch))
         logits = self._logits(batch)
         return logits > 0 if self.as_softmax_multilabel else logits.argmax(dim=-1)
+
+    def class_probabilities(self, batch: dict[str, Tensor]) -> Tensor:
+        """Probability of each class (N, C): softmax of the logits (the head's exact distribution
+        with ``head=``), per-class sigmoid of the scores for multi-label data."""
+        if self.output is not None:
+            return self.output.log_prob(self._hidden(batch)).exp()
+        logits = self._logits(batch).float()
+        return logits.sigmoid() if self.as_softmax_multilabel else logits.softmax(dim=-1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return adamw(self, self.lr, self.weight_decay)

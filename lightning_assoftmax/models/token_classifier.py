@@ -12,7 +12,12 @@ from torch import Tensor, nn
 from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import adamw, keep_class_counts_if_used, output_head
+from lightning_assoftmax.models._common import (
+    adamw,
+    check_class_names,
+    keep_class_counts_if_used,
+    output_head,
+)
 
 __all__ = ["TokenClassifier"]
 
@@ -57,6 +62,8 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         head_kwargs: keywords of the head (e.g. ``{"cutoffs": [2000, 10000]}``).
         class_counts: training count of each class, for the heads that use frequencies; the CLI
             takes it from the datamodule. Kept in the hyperparameters only when the head uses it.
+        class_names: the label of each class, in output order (e.g. the tags of a tagging task),
+            so that a checkpoint names its predictions; None for token ids.
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
             ``ignore_index``.
     """
@@ -76,12 +83,15 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         head: str | None = None,
         head_kwargs: Mapping[str, Any] | None = None,
         class_counts: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
         **as_softmax_options: Any,
     ) -> None:
         super().__init__(delta=delta, **as_softmax_options)
         self.save_hyperparameters()
         class_counts = keep_class_counts_if_used(self, head, class_counts)
         owner = type(self).__name__
+        check_positive_int(num_classes, f"{owner}: num_classes", _LINK_HINT)
+        self.class_names = check_class_names(owner, class_names, num_classes)
         if self.as_softmax_multilabel:
             raise ValueError(f"{owner}: multi-label targets are not supported per token; use multilabel=False.")
         check_positive_int(num_classes, f"{owner}: num_classes", _LINK_HINT)
