@@ -7,6 +7,7 @@ and :mod:`.family` (modules on it: AS-Softmax and the baseline losses), :mod:`.m
 
 from lightning_assoftmax.callbacks import (
     AdaptiveGradAccumulation,
+    CompactProgressBar,
     DeltaWarmup,
     LossAccuracyCorrelation,
     MarginAnnealing,
@@ -24,6 +25,7 @@ __all__ = [
     "AdaptiveGradAccumulation",
     "ASSoftmaxLoss",
     "ASSoftmaxMixin",
+    "CompactProgressBar",
     "CosineClassifier",
     "DeltaWarmup",
     "LinearASSoftmaxLoss",

@@ -35,7 +35,7 @@ import lightning as L
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -45,6 +45,7 @@ import lightning_assoftmax
 # Imported so that their classes resolve by short name (jsonargparse looks among loaded subclasses).
 from lightning_assoftmax.callbacks import (  # noqa: F401
     AdaptiveGradAccumulation,
+    CompactProgressBar,
     DeltaWarmup,
     LossAccuracyCorrelation,
     MarginAnnealing,
@@ -252,8 +253,14 @@ class ASSoftmaxCLI(LightningCLI):
         kwargs["logger"] = self._run_loggers(config.get("logger"), config.get("default_root_dir"))
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        extra = []
         if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
-            kwargs["callbacks"] = [*callbacks, PredictionWriter()]
+            extra.append(PredictionWriter())
+        # Lightning's own bar cuts `train/masked_ratio` off on an 80-column terminal.
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            extra.append(CompactProgressBar())
+        if extra:
+            kwargs["callbacks"] = [*callbacks, *extra]
         return super().instantiate_trainer(**kwargs)
 
     # -- where a run writes -------------------------------------------------------------------
