@@ -192,6 +192,10 @@ def equivalent_command(args: argparse.Namespace, names: list[str]) -> str:
     arms = ",".join(arm_spelling(name, args.sparse_k) for name in names)
     seeds = str(args.seeds) if args.first_seed == 0 else str(args.seed_list).replace(" ", "")
     parts = ["lightning-assoftmax", "compare", *model, *data, *trainer, "--arms", arms, "--seeds", seeds]
+    if args.own_data_order:
+        parts.append("--same_data_order=false")
+    if args.shard is not None:
+        parts += ["--shard", args.shard]
     if args.out is not None:
         parts += ["--out", str(args.out)]
     return " ".join(shlex.quote(part) for part in parts)
@@ -271,6 +275,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadiest on a shared machine)")
     parser.add_argument(
+        "--own-data-order",
+        action="store_true",
+        help="each configuration trains from the random state its own model construction leaves (how the "
+        "tables of docs/results.md were made; the default gives every configuration softmax's data order)",
+    )
+    parser.add_argument(
         "--print-command", action="store_true", help="print the equivalent lightning-assoftmax compare command and exit"
     )
     args = parser.parse_args(argv)
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> CompareResult:
         "full_vocabulary": args.full_vocabulary,
     }
     grid = CompareGrid(
-        arms, args.seed_list, args.out, settings, shard=_shard(args.shard)
+        arms, args.seed_list, args.out, settings, shard=_shard(args.shard), same_data_order=not args.own_data_order
     )
     command = "python benchmarks/compare.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     if args.summarize_only:
@@ -370,7 +380,10 @@ def main(argv: list[str] | None = None) -> CompareResult:
 def _shard(text: str | None) -> tuple[int, int]:
     from lightning_assoftmax.compare.grid import parse_shard
 
-    return parse_shard(text)
+    try:
+        return parse_shard(text)
+    except ValueError as error:
+        raise SystemExit(f"compare.py: {error}") from None
 
 
 if __name__ == "__main__":

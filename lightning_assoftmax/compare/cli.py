@@ -20,6 +20,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
+from lightning_assoftmax.callbacks import LossAccuracyCorrelation
 from lightning_assoftmax.compare.api import run_compare
 from lightning_assoftmax.compare.arms import Arm, parse_arms
 from lightning_assoftmax.compare.grid import CompareGrid, FitSetup, check_fit_setup, parse_shard
@@ -199,6 +200,8 @@ class CompareSubcommand:
             data.prepare_data()
             data.setup("fit")
         check_fit_setup(FitSetup(self.model, self.trainer, data))
+        if "transformers" in sys.modules:  # a pretrained model's loading bar at every fit
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
         dropped = sorted({type(c).__name__ for c in self.trainer.callbacks if isinstance(c, _DROPPED_CALLBACKS)})
         if dropped:
             print(
@@ -231,5 +234,8 @@ class CompareSubcommand:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
+        for callback in trainer_config["callbacks"]:
+            if isinstance(callback, LossAccuracyCorrelation):
+                callback.save_figure = False  # one figure per fit into the working directory otherwise
         trainer = self.trainer_class(**trainer_config)
         return FitSetup(self.model, trainer, self.datamodule)
