@@ -173,6 +173,11 @@ def test_paired_difference_matches_scipy_and_a_hand_computed_interval():
     low, high = reference.confidence_interval(0.95)
     assert (diff["low"], diff["high"]) == pytest.approx((low, high))
     assert (diff["wins"], diff["ties"], diff["losses"]) == (4, 0, 1)
+    # every seed shifted alike: no spread, a certain shift (or none)
+    exact = [{"seed": s, "test_acc": v} for s, v in enumerate((0.25, 0.5, 0.125))]  # binary fractions
+    shifted = paired_difference([{**f, "test_acc": f["test_acc"] + 0.5} for f in exact], exact, "test_acc")
+    assert shifted["p"] == 0.0 and shifted["low"] == shifted["high"] == 0.5
+    assert paired_difference(baseline, baseline, "test_acc")["p"] == 1.0
     one = paired_difference(fits[:1], baseline, "test_acc")
     assert one["n"] == 1 and math.isnan(one["p"]) and math.isnan(one["low"])
 

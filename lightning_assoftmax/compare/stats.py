@@ -75,8 +75,8 @@ def paired_difference(
 
     Returns ``seeds``, ``per_seed``, ``n``, ``mean``, ``std`` (sample), the two-sided paired
     t-test ``t`` and ``p`` (``df = n - 1``), the ``confidence`` interval of the mean difference
-    ``low``, ``high`` (``mean ± t_{(1+c)/2, n-1} std / sqrt(n)``; NaN with fewer than 2 seeds or
-    no spread) and ``wins`` / ``ties`` / ``losses`` (seeds above / equal to / below the baseline).
+    ``low``, ``high`` (``mean ± t_{(1+c)/2, n-1} std / sqrt(n)``; NaN with fewer than 2 seeds; with
+    no spread the interval is the mean itself, ``p`` 0 for a nonzero and 1 for a zero difference) and ``wins`` / ``ties`` / ``losses`` (seeds above / equal to / below the baseline).
     """
     by_seed = {fit["seed"]: fit.get(key, math.nan) for fit in baseline}
     mine = {fit["seed"]: fit.get(key, math.nan) for fit in fits}
@@ -94,6 +94,10 @@ def paired_difference(
         half = float(student_t.ppf((1 + confidence) / 2, df=n - 1)) * sem
         low, high = mean - half, mean + half
     elif n >= 2 and std == 0:
+        # Every seed moved by the same amount: no spread to test against. A nonzero shift is
+        # as certain as these seeds can make it (t infinite), no shift at all is no evidence.
+        t = math.copysign(math.inf, mean) if mean else 0.0
+        p = 0.0 if mean else 1.0
         low = high = mean
     return {
         "seeds": seeds,
