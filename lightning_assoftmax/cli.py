@@ -3,6 +3,7 @@
 Examples::
 
     lightning-assoftmax fit --config examples/bbc_news.yaml
+    lightning-assoftmax compare --config examples/bbc_news.yaml --arms softmax,as_softmax --seeds 3 --out runs/cmp
     lightning-assoftmax fit --model=TextClassifier --data=BBCNews --model.delta=0.2 \\
         --trainer.callbacks+=DeltaWarmup --trainer.callbacks.warmup_fraction=0.1
     python -m lightning_assoftmax fit --model=ImageClassifier --data=Digits --print_config
@@ -52,6 +53,7 @@ from lightning_assoftmax.callbacks import (  # noqa: F401
     PredictionWriter,
     SkipMaskedSamples,
 )
+from lightning_assoftmax.compare.cli import CompareSubcommand
 from lightning_assoftmax.data import (  # noqa: F401
     CLINC150,
     HWU64,
@@ -188,7 +190,7 @@ class RunConfigCallback(SaveConfigCallback):
         rank_zero_info(f"{getattr(stage, 'value', stage)}: config saved to {self.path}")
 
 
-class ASSoftmaxCLI(LightningCLI):
+class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
     """``LightningCLI`` with any ``LightningModule`` / ``LightningDataModule`` chosen by class.
 
     Defaults: ``--model=TextClassifier --data=BBCNews`` and ``--seed_everything=0``; a chosen

@@ -29,6 +29,7 @@ LINKED_PAGES = [*PAGES, ROOT / "benchmarks" / "README.md"]
 SLOW_PAGES = {
     "README.md",
     "docs/cli.md",
+    "docs/compare.md",
     "docs/data.md",
     "docs/distributed.md",
     "docs/huggingface.md",
