@@ -249,7 +249,7 @@ class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        if self.subcommand == "fit" and _no_stopping_point(config):
+        if self.subcommand in ("fit", "compare") and _no_stopping_point(config):
             kwargs["max_epochs"] = DEFAULT_MAX_EPOCHS
             self._default_stop = True
         kwargs["logger"] = self._run_loggers(config.get("logger"), config.get("default_root_dir"))

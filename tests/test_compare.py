@@ -456,3 +456,20 @@ def test_python_api_without_output_folder():
     result = run_compare(CompareGrid(parse_arms("softmax,label_smoothing"), [0]), factory, echo=False)
     assert [f["arm"] for f in result.fits] == ["softmax", "label_smoothing"] and result.files == {}
     assert "| label_smoothing | 1 |" in result.report
+
+
+def test_no_stopping_point_takes_fits_default_epochs(tmp_path, monkeypatch, capsys):
+    from lightning_assoftmax.cli import DEFAULT_MAX_EPOCHS
+
+    epochs = []
+
+    def fit(self, factory, arm, seed):
+        epochs.append(factory(arm, seed, []).trainer.max_epochs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(CompareGrid, "run_fit", fit)
+    no_stop = [a for a in TINY if not a.startswith("--trainer.max_epochs")]
+    with pytest.raises(SystemExit):
+        main(["compare", *no_stop, "--arms", "softmax", "--seeds", "1"])
+    assert epochs == [DEFAULT_MAX_EPOCHS]
+    assert f"each fit stops after {DEFAULT_MAX_EPOCHS} epochs" in capsys.readouterr().err

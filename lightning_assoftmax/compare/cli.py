@@ -209,6 +209,12 @@ class CompareSubcommand:
                 "in memory, no logger, one progress bar over the grid)",
                 file=sys.stderr,
             )
+        if getattr(self, "_default_stop", False):
+            print(
+                f"compare: no stopping point given, each fit stops after {self.trainer.max_epochs} epochs "
+                "(set --trainer.max_epochs, --trainer.max_steps or --trainer.max_time).",
+                file=sys.stderr,
+            )
         run_compare(grid, self._compare_factory, command)
 
     def _compare_factory(self, arm: Arm, seed: int, callbacks: list[L.Callback]) -> FitSetup:
@@ -237,5 +243,8 @@ class CompareSubcommand:
         for callback in trainer_config["callbacks"]:
             if isinstance(callback, LossAccuracyCorrelation):
                 callback.save_figure = False  # one figure per fit into the working directory otherwise
+        if getattr(self, "_default_stop", False):
+            # No stopping point configured: the same default epochs as `fit` (set on self.trainer).
+            trainer_config["max_epochs"] = self.trainer.max_epochs
         trainer = self.trainer_class(**trainer_config)
         return FitSetup(self.model, trainer, self.datamodule)
