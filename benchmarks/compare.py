@@ -189,9 +189,14 @@ def equivalent_command(args: argparse.Namespace, names: list[str]) -> str:
     if args.pretrained != MINILM:
         data.append(f"--data.tokenizer={args.pretrained}")
     trainer = [f"--trainer.{key}={value}" for key, value in trainer_options(args).items()]
-    arms = ",".join(arm_spelling(name, args.sparse_k) for name in names)
+    spelled = [arm_spelling(name, args.sparse_k) for name in names]
+    # Arms up to the first whose keywords hold a comma form the comma-separated list; each later
+    # arm is appended with --arms+= (the order, baseline first, is kept).
+    lead = next((i for i, arm in enumerate(spelled) if "," in arm), len(spelled))
+    arms = ["--arms", ",".join(spelled[:lead])] if lead else []
+    arms += [f"--arms+={arm}" for arm in spelled[lead:]]
     seeds = str(args.seeds) if args.first_seed == 0 else str(args.seed_list).replace(" ", "")
-    parts = ["lightning-assoftmax", "compare", *model, *data, *trainer, "--arms", arms, "--seeds", seeds]
+    parts = ["lightning-assoftmax", "compare", *model, *data, *trainer, *arms, "--seeds", seeds]
     if args.own_data_order:
         parts.append("--same_data_order=false")
     if args.shard is not None:
@@ -238,6 +243,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help=f"comma-separated configurations among {', '.join(KNOWN_CONFIGS)} "
         f"({AS_SPEED}: as_softmax with AdaptiveGradAccumulation; {', '.join(EXTRA_CONFIGS)}: the "
         "margin loss with MarginAnnealing, lam floor 5; default: all but these two); the first is the baseline",
+    )
+    parser.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="one more arm in the package's spelling, after --losses (repeatable), e.g. "
+        "--arm 'as_softmax(delta=0.3)' --arm 'arcface(delta=0.1) + SkipMaskedSamples'",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: small subsets, 1 epoch, 1 seed unless --seeds")
     parser.add_argument("--backbone", action="store_true", help=f"fine-tune the bundled {MINILM} encoder")
@@ -289,6 +302,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if unknown or not names:
         parser.error(f"--losses: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(KNOWN_CONFIGS)}")
     names = list(dict.fromkeys(names))
+    for spec in args.arm:
+        try:
+            parse_arms([spec])
+        except ValueError as error:
+            parser.error(f"--arm {spec!r}: {error}")
+        names.append(spec)
     if args.quick:
         args.epochs = 1
         args.seeds = args.seeds if args.seeds is not None else 1

@@ -116,6 +116,18 @@ def test_unknown_configuration_is_refused_with_the_known_names(compare, capsys):
     assert "sparsmax" in err and "sparsemax" in err and "as_speed" in err
 
 
+def test_extra_arms_follow_the_configurations_in_order(compare, capsys):
+    compare.main([
+        "--data", "Banking77", "--losses", "softmax,arcface", "--arm", "arcface(delta=0.1)",
+        "--arm", "as_softmax + DeltaWarmup(start_delta=1.0, warmup_fraction=0.1)", "--print-command",
+    ])
+    command = capsys.readouterr().out
+    assert "--arms 'softmax,arcface,arcface(delta=0.1)' '--arms+=as_softmax + DeltaWarmup(start_delta=1.0, warmup_fraction=0.1)'" in command
+    with pytest.raises(SystemExit):
+        compare.main(["--losses", "softmax", "--arm", "arcface(margn=0.5)"])
+    assert "arcface has no keyword margn" in capsys.readouterr().err
+
+
 def test_configurations_become_arms(compare):
     from lightning_assoftmax import AdaptiveGradAccumulation, MarginAnnealing
     from lightning_assoftmax.compare import parse_arms
