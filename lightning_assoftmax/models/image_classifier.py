@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import adamw
+from lightning_assoftmax.models._common import adamw, check_lr_schedule, optimizers_with_schedule
 
 __all__ = ["ImageClassifier"]
 
@@ -31,6 +31,14 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay on weight matrices.
         delta: the AS-Softmax margin in [0, 1].
+        lr_schedule: ``"constant"`` (default) or ``"linear"``: after the warm-up, keep the
+            learning rate or decay it linearly to 0 at the end of training. Placed by the share of
+            training done (epochs and batches of ``max_epochs``, or steps of ``max_steps``), so
+            the decay ends at the last batch also when ``AdaptiveGradAccumulation`` takes fewer
+            optimizer steps than planned or ``SkipMaskedSamples`` shortens epochs (see
+            :func:`~lightning_assoftmax.models._common.training_progress`).
+        warmup_fraction: share of training over which the learning rate rises linearly from 0
+            to ``lr`` (in [0, 1); 0: no warm-up).
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
             ``multilabel``, ``ignore_index``.
     """
@@ -44,6 +52,8 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         delta: float = 0.1,
+        lr_schedule: Literal["constant", "linear"] = "constant",
+        warmup_fraction: float = 0.0,
         **as_softmax_options: Any,
     ) -> None:
         super().__init__(delta=delta, **as_softmax_options)
@@ -55,6 +65,7 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         check_real(dropout, f"{owner}: dropout", low=0.0, high=1.0, low_inclusive=True)
         self.lr = check_real(lr, f"{owner}: lr", low=0.0, low_inclusive=True)
         self.weight_decay = check_real(weight_decay, f"{owner}: weight_decay", low=0.0, low_inclusive=True)
+        self.lr_schedule, self.warmup_fraction = check_lr_schedule(owner, lr_schedule, warmup_fraction)
         wide = 2 * channels
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
@@ -85,5 +96,7 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         logits = self(images)
         return logits > 0 if self.as_softmax_multilabel else logits.argmax(dim=-1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adamw(self, self.lr, self.weight_decay)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        return optimizers_with_schedule(
+            self, adamw(self, self.lr, self.weight_decay), self.lr_schedule, self.warmup_fraction
+        )
