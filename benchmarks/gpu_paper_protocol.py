@@ -9,8 +9,10 @@ comparison. Before a block starts, its time is estimated (from the timed fit or 
 it); a block that would not end before the budget does not start, and a process still running at
 the deadline is stopped (its fit is lost, the journal keeps every finished one).
 
-The first step times one fit: the baseline arm's fit of the first seed missing from the
-journal, run alone (it is that fit of the grid, so nothing is wasted), printed with its time.
+The first step times a fit: the first 400 batches (two validation runs) of every arm, side by
+side as a block runs them; scaled to the full fit's batches, that sizes a seed block, and the
+estimates are printed (``TIMING``, ``SIZING``). Once a block has run, its measured time sizes the
+next one, and ``timing.json`` carries it to the next run, which then skips the timing step.
 
 Files: the journals of the committed results (``benchmarks/results/paper_protocol/<set>.journal.jsonl``)
 seed the work folder; at the end each set's journals are merged into ``<out>/<set>.journal.jsonl``
@@ -51,9 +53,11 @@ SETS = {
     "clinc150": ("examples/paper_protocol_clinc150.yaml", "clinc", "CLINC150", 18000),
     "banking77": ("examples/paper_protocol_banking77.yaml", "banking", "Banking77", 9003),
 }
-#: A first guess of how much longer a block of parallel fits takes than one fit alone (replaced
-#: by the measured block time once a block has run).
-PARALLEL_SLOWDOWN = 2.0
+#: The timing step: the first batches of each arm's fit, side by side as a block runs them, with
+#: a validation run every so many batches (the configs' val_check_interval): the time between the
+#: last two validation runs is that of any stretch of the full fit.
+TIMING = {"batches": 400, "interval": 200}
+DRY_RUN_TIMING = {"batches": 4, "interval": 2}
 #: Seconds kept at the end for merging the journals and the summaries.
 RESERVE_S = 45.0
 #: A few batches per fit, for --dry-run on a CPU.
@@ -75,10 +79,14 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self._log = (self.out / "run.log").open("a")
+        # Seconds of a full seed block (all arms, `parallel` processes) per set: estimated by the
+        # timing step, then measured.
         self.block_seconds: dict[str, float] = {}
-        self.fit_seconds: dict[str, float] = {}
+        self.measured: dict[str, float] = {}
         self.device = ""
         self.names: list[str] = list(SETS)
+        self.keys: list[str] = []
+        self.seeds: list[int] = []
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -105,10 +113,12 @@ class Run:
         ]
         return out + list(DRY_RUN_OVERRIDES if self.args.dry_run else ())
 
-    def compare_command(self, name: str, arms: list[str], seeds: list[int], shard: str | None = None) -> list[str]:
+    def compare_command(
+        self, name: str, arms: list[str], seeds: list[int], shard: str | None = None, out: Path | None = None
+    ) -> list[str]:
         command = [
             self.args.python, "-m", "lightning_assoftmax", "compare", *self.overrides(name),
-            f"--arms={','.join(arms)}", f"--seeds={json.dumps(seeds)}", f"--out={self.set_dir(name)}",
+            f"--arms={','.join(arms)}", f"--seeds={json.dumps(seeds)}", f"--out={out or self.set_dir(name)}",
         ]
         return command + ([f"--shard={shard}"] if shard else [])
 
@@ -122,9 +132,9 @@ class Run:
         return env
 
     # -- processes -----------------------------------------------------------------------------
-    def run_processes(self, commands: list[list[str]], logs: list[Path]) -> list[int | None]:
+    def run_processes(self, commands: list[list[str]], logs: list[Path]) -> tuple[list[int | None], list[float]]:
         """Run ``commands`` side by side until each ends or the deadline passes (then they are
-        stopped: ``None`` for those). Returns the exit codes."""
+        stopped: ``None`` for those). Returns the exit codes and each process's seconds."""
         handles = []
         for command, log in zip(commands, logs, strict=True):
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +143,15 @@ class Run:
                 (subprocess.Popen(command, cwd=ROOT, env=self.environment(), stdout=stream, stderr=subprocess.STDOUT, start_new_session=True), stream)
             )
         codes: list[int | None] = [None] * len(handles)
-        while any(h.poll() is None for h, _ in handles) and self.left() > 0:
-            time.sleep(1.0)
+        started = time.time()
+        walls = [math.nan] * len(handles)
+        while self.left() > 0:
+            for i, (handle, _) in enumerate(handles):
+                if handle.poll() is not None and math.isnan(walls[i]):
+                    walls[i] = time.time() - started
+            if not any(math.isnan(w) for w in walls):
+                break
+            time.sleep(0.5)
         for i, (handle, stream) in enumerate(handles):
             if handle.poll() is None:
                 self.say(f"deadline: stopping the process of {logs[i].name} (pid {handle.pid}); its fit is lost")
@@ -147,7 +164,7 @@ class Run:
             else:
                 codes[i] = handle.returncode
             stream.close()
-        return codes
+        return codes, walls
 
     def check(self, codes: list[int | None], logs: list[Path]) -> None:
         for code, log in zip(codes, logs, strict=True):
@@ -158,11 +175,11 @@ class Run:
 
 
 # -- journals ------------------------------------------------------------------------------------
-def read_fits(folder: Path) -> dict[tuple[str, int], dict]:
+def read_fits(folder: Path, pattern: str = "journal*.jsonl") -> dict[tuple[str, int], dict]:
     """Every finished fit in ``folder``'s journals, once per (arm, seed); lines cut short by a
     stopped process are skipped."""
     fits: dict[tuple[str, int], dict] = {}
-    for journal in sorted(folder.glob("journal*.jsonl")):
+    for journal in sorted(folder.glob(pattern)):
         for line in journal.read_text().splitlines():
             try:
                 fit = json.loads(line)
@@ -231,9 +248,9 @@ def write_outputs(run: Run, name: str, seeds: list[int]) -> None:
 
 
 def load_timing(run: Run, names: list[str]) -> None:
-    """Block and fit times measured by an earlier run on the same device with as many fits side
-    by side (``timing.json`` beside the committed journals): they size the grid in place of a new
-    timed fit."""
+    """Seed-block times measured by an earlier run on the same device with as many fits side by
+    side (``timing.json`` beside the committed journals): they size the grid in place of a new
+    timing step."""
     path = run.args.results / "timing.json" if run.args.results is not None else None
     if path is None or not path.is_file():
         return
@@ -242,21 +259,17 @@ def load_timing(run: Run, names: list[str]) -> None:
         run.say(f"{path.name}: measured on {recorded.get('device')} with {recorded.get('parallel')} fits side by side; timing afresh")
         return
     run.block_seconds.update(recorded.get("block_seconds", {}))
-    run.fit_seconds.update(recorded.get("fit_seconds", {}))
     for name in names:
-        if name in run.block_seconds or name in run.fit_seconds:
-            run.say(
-                f"TIMING {name} (recorded): one fit alone {run.fit_seconds.get(name, math.nan):.0f} s, "
-                f"a seed block {run.block_seconds.get(name, math.nan):.0f} s"
-            )
+        if name in run.block_seconds:
+            run.say(f"TIMING {name} (recorded): a seed block of {len(ARMS)} fits took {run.block_seconds[name]:.0f} s")
 
 
 def write_timing(run: Run) -> None:
-    if not run.block_seconds and not run.fit_seconds:
+    """The seed blocks measured so far (not the estimates), for the next run."""
+    if not run.measured:
         return
-    path = run.out / "timing.json"
-    recorded = {"device": run.device, "parallel": run.args.parallel, "block_seconds": run.block_seconds, "fit_seconds": run.fit_seconds}
-    path.write_text(json.dumps(recorded, indent=1) + "\n")
+    recorded = {"device": run.device, "parallel": run.args.parallel, "block_seconds": run.measured}
+    (run.out / "timing.json").write_text(json.dumps(recorded, indent=1) + "\n")
 
 
 # -- the grid ------------------------------------------------------------------------------------
@@ -274,52 +287,81 @@ def prepare(run: Run, name: str) -> None:
     run.check([status], [log])
 
 
-def time_one_fit(run: Run, name: str, keys: list[str], seeds: list[int]) -> None:
-    """The baseline's fit of the first seed the journal lacks, alone: timed, printed, and the
-    grid's remaining time projected from it."""
-    fits = read_fits(run.set_dir(name))
-    seed = next((s for s in seeds if (keys[0], s) not in fits), None)
-    if seed is None:
+def batches_per_fit(run: Run, name: str) -> int:
+    """Training batches of one full fit: 7 epochs of batches of 16 (a dry run: 2 epochs of 6)."""
+    return 12 if run.args.dry_run else math.ceil(SETS[name][3] / 16) * 7
+
+
+def waves(run: Run, fits: int) -> int:
+    """Fits run one after the other by the busiest of the block's processes."""
+    return math.ceil(fits / min(run.args.parallel, len(ARMS)))
+
+
+def time_one_fit(run: Run, name: str) -> None:
+    """Time the start of one fit of every arm, side by side as a seed block runs them, and size
+    the block from it.
+
+    Each arm trains ``TIMING["batches"]`` batches with a validation run every
+    ``TIMING["interval"]``; the time between its last two validation runs, scaled to the full
+    fit's batches, plus what its process took in all (start, model, the short fit, test), is one
+    full fit's time under the same load. Printed per arm, with the block's and the grid's.
+    """
+    timing = DRY_RUN_TIMING if run.args.dry_run else TIMING
+    folder = run.work / f"{name}-timing"
+    if folder.exists():  # fits found there would be skipped, not timed
+        shutil.rmtree(folder)
+    shards = min(run.args.parallel, len(ARMS))
+    short = [
+        "--trainer.max_epochs=1", f"--trainer.limit_train_batches={timing['batches']}",
+        f"--trainer.val_check_interval={timing['interval']}",
+    ]
+    commands = [
+        [*run.compare_command(name, list(ARMS), [0], f"{i}/{shards}", out=folder), *short] for i in range(1, shards + 1)
+    ]
+    logs = [folder / f"shard{i}-of-{shards}.log" for i in range(1, shards + 1)]
+    run.say(f"{name}: timing the first {timing['batches']} batches of each arm's fit, {shards} side by side")
+    codes, walls = run.run_processes(commands, logs)
+    run.check(codes, logs)
+    if None in codes:
         return
-    log = run.set_dir(name) / f"time-seed{seed}.log"
-    run.say(f"{name}: timing one fit ({keys[0]}, seed {seed}) alone")
-    started = time.time()
-    codes = run.run_processes([run.compare_command(name, [ARMS[0]], [seed])], [log])
-    run.check(codes, [log])
-    wall = time.time() - started
-    fit = read_fits(run.set_dir(name)).get((keys[0], seed))
-    if fit is None:
-        run.say(f"{name}: the timed fit did not end within the budget ({wall:.0f} s)")
-        return
-    run.fit_seconds[name] = wall
-    run.say(
-        f"TIMING {name}: one fit ({keys[0]}, seed {seed}) took {wall:.0f} s wall, {fit['train_seconds']:.0f} s "
-        f"of training ({fit['train_batches']} batches, {fit['optimizer_steps']} optimizer steps); "
-        f"best val acc {fit['best_val']:.4f}, test acc {fit['test_acc']:.4f}"
-    )
+    extra = (batches_per_fit(run, name) - timing["batches"]) / timing["interval"]
+    block = 0.0
+    for i, wall in enumerate(walls, 1):
+        fits = read_fits_of(folder / f"journal-shard-{i}-of-{shards}.jsonl")
+        total = wall
+        for fit in fits:
+            points = fit["validation_runs"]
+            stretch = points[-1]["seconds"] - points[-2]["seconds"]
+            total += extra * stretch
+            run.say(
+                f"TIMING {name}: {fit['arm']}: {timing['interval']} batches and one validation run in {stretch:.1f} s, "
+                f"one full fit ({batches_per_fit(run, name)} batches) about {points[-1]['seconds'] + extra * stretch:.0f} s "
+                f"of training, with {shards} fits side by side"
+            )
+        block = max(block, total)
+    run.block_seconds[name] = block
     for other in run.names:
         fits = read_fits(run.set_dir(other))
-        left = sum(1 for key in keys for s in seeds if (key, s) not in fits)
+        left = sum(1 for key in run.keys for seed in run.seeds if (key, seed) not in fits)
         blocks = math.ceil(left / len(ARMS))
-        block = estimate_block(run, other, len(ARMS))
+        estimate = estimate_block(run, other, len(ARMS))
         run.say(
-            f"SIZING {other}: {left} fits left; a seed block of {len(ARMS)} fits in {run.args.parallel} processes "
-            f"about {block:.0f} s (guess: {PARALLEL_SLOWDOWN}x one fit until a block has run), "
-            f"{blocks} blocks about {blocks * block / 60:.1f} min"
+            f"SIZING {other}: {left} fits left; a seed block of {len(ARMS)} fits in {shards} processes about "
+            f"{estimate:.0f} s, {blocks} block(s) about {blocks * estimate / 60:.1f} min"
         )
 
 
+def read_fits_of(journal: Path) -> list[dict]:
+    return list(read_fits(journal.parent, journal.name).values()) if journal.is_file() else []
+
+
 def estimate_block(run: Run, name: str, missing: int) -> float | None:
-    """Seconds a block of ``missing`` fits of ``name`` should take, from what ran before."""
-    scale = {n: SETS[n][3] for n in SETS}
-    waves = math.ceil(missing / run.args.parallel)
+    """Seconds a seed block of ``name`` with ``missing`` fits to run should take: from this set's
+    block time, else another set's scaled by the batches per fit."""
     for source in (name, *SETS):
         if source in run.block_seconds:
-            return run.block_seconds[source] * scale[name] / scale[source] * waves
-    for source in (name, *SETS):
-        if source in run.fit_seconds:
-            slowdown = PARALLEL_SLOWDOWN if min(missing, run.args.parallel) > 1 else 1.0
-            return run.fit_seconds[source] * scale[name] / scale[source] * slowdown * waves
+            scale = batches_per_fit(run, name) / batches_per_fit(run, source)
+            return run.block_seconds[source] * scale * waves(run, missing) / waves(run, len(ARMS))
     return None
 
 
@@ -345,15 +387,22 @@ def run_blocks(run: Run, name: str, keys: list[str], seeds: list[int]) -> bool:
         started = time.time()
         commands = [run.compare_command(name, list(ARMS), [seed], f"{i}/{shards}") for i in range(1, shards + 1)]
         logs = [run.set_dir(name) / f"seed{seed}-shard{i}-of-{shards}.log" for i in range(1, shards + 1)]
-        codes = run.run_processes(commands, logs)
+        codes, _ = run.run_processes(commands, logs)
         run.check(codes, logs)
         wall = time.time() - started
-        done = [arm for arm, key in zip(ARMS, keys, strict=True) if (key, seed) in read_fits(run.set_dir(name))]
+        fits = read_fits(run.set_dir(name))
+        done = [key for key in keys if (key, seed) in fits]
         run.say(f"{name}: seed {seed}: {len(done)} of {len(ARMS)} arms done in {wall:.0f} s")
+        for key in done:
+            fit = fits[(key, seed)]
+            run.say(
+                f"  {key}: {fit['train_seconds']:.0f} s of training, {fit['train_batches']} batches, "
+                f"{fit['optimizer_steps']} optimizer steps, test acc {fit['test_acc']:.4f}"
+            )
         if None in codes:
             return False
-        # Per wave of `parallel` fits, for the estimate of the next block.
-        run.block_seconds[name] = wall / math.ceil(len(missing) / run.args.parallel)
+        # As a full block, for the estimate of the next one.
+        run.block_seconds[name] = run.measured[name] = wall * waves(run, len(ARMS)) / waves(run, len(missing))
     return True
 
 
@@ -397,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.parallel} fits side by side, precision {args.precision}{', DRY RUN' if args.dry_run else ''}"
     )
     keys = arm_keys(run)
+    run.keys, run.seeds = keys, seeds
     load_timing(run, names)
     try:
         for name in names:
@@ -404,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             prepare(run, name)
             if estimate_block(run, name, len(ARMS)) is None:
-                time_one_fit(run, name, keys, seeds)
+                time_one_fit(run, name)
             complete = run_blocks(run, name, keys, seeds)
             run.say(f"{name}: {'complete' if complete else 'to be continued'}")
     finally:

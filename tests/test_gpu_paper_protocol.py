@@ -47,23 +47,28 @@ def test_journals_merge_once_per_fit_and_skip_a_line_cut_short(protocol, tmp_pat
 def test_a_block_is_estimated_from_what_ran_before(protocol, tmp_path):
     run = make_run(protocol, tmp_path)
     assert protocol.estimate_block(run, "clinc150", 6) is None
-    run.fit_seconds["clinc150"] = 100.0
-    # One fit alone, times the guessed slowdown of six side by side; Banking77 has half the samples.
-    assert protocol.estimate_block(run, "clinc150", 6) == pytest.approx(100.0 * protocol.PARALLEL_SLOWDOWN)
-    assert protocol.estimate_block(run, "clinc150", 1) == pytest.approx(100.0)
-    assert protocol.estimate_block(run, "banking77", 6) == pytest.approx(100.0 * protocol.PARALLEL_SLOWDOWN * 9003 / 18000)
-    run.block_seconds["banking77"] = 90.0  # a measured block wins over the guess
-    assert protocol.estimate_block(run, "clinc150", 5) == pytest.approx(90.0 * 18000 / 9003)
-    run.args.parallel = 2  # three waves of two
-    assert protocol.estimate_block(run, "banking77", 6) == pytest.approx(270.0)
+    assert protocol.batches_per_fit(run, "clinc150") == 7875 and protocol.batches_per_fit(run, "banking77") == 3941
+    run.block_seconds["clinc150"] = 300.0
+    # One wave of six processes, whether six fits or fewer are missing; Banking77 scaled by its batches.
+    assert protocol.estimate_block(run, "clinc150", 6) == pytest.approx(300.0)
+    assert protocol.estimate_block(run, "clinc150", 2) == pytest.approx(300.0)
+    assert protocol.estimate_block(run, "banking77", 6) == pytest.approx(300.0 * 3941 / 7875)
+    run.block_seconds["banking77"] = 100.0  # its own time wins over the scaled one
+    assert protocol.estimate_block(run, "banking77", 6) == pytest.approx(100.0)
+    run.args.parallel = 2  # three fits one after the other per process, for a full block
+    assert protocol.estimate_block(run, "banking77", 6) == pytest.approx(100.0)
+    assert protocol.estimate_block(run, "banking77", 2) == pytest.approx(100.0 / 3)
 
 
 def test_processes_still_running_at_the_deadline_are_stopped(protocol, tmp_path):
     run = make_run(protocol, tmp_path, budget=protocol.RESERVE_S + 2.0)
     logs = [tmp_path / "quick.log", tmp_path / "slow.log"]
     started = time.time()
-    codes = run.run_processes([[sys.executable, "-c", "print('done')"], [sys.executable, "-c", "import time; time.sleep(60)"]], logs)
+    codes, walls = run.run_processes(
+        [[sys.executable, "-c", "print('done')"], [sys.executable, "-c", "import time; time.sleep(60)"]], logs
+    )
     assert codes == [0, None]
+    assert walls[0] < 10 and walls[1] != walls[1]  # NaN: it never ended
     assert time.time() - started < 20
     assert "done" in logs[0].read_text()
     assert "stopping the process of slow.log" in (tmp_path / "out" / "run.log").read_text()

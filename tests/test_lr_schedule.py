@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_assoftmax import AdaptiveGradAccumulation
+from lightning_assoftmax import AdaptiveGradAccumulation, SkipMaskedSamples
 from lightning_assoftmax.models import ImageClassifier, TextClassifier, TokenClassifier
 
 transformers = pytest.importorskip("transformers")
@@ -158,6 +158,27 @@ def test_adaptive_accumulation_still_decays_to_the_end_of_training():
     # transformers' LR of step 11 of 20, about half the peak.
     by_steps = reference_lrs(lambda opt: transformers.get_linear_schedule_with_warmup(opt, 2, 20), 11)
     assert by_steps[-1] == pytest.approx(BASE_LR * 10 / 18)
+
+
+class LabelZeroMasked(ImageClassifier):
+    """Reports the samples of class 0 as masked, so SkipMaskedSamples rests them."""
+
+    def training_step(self, batch, batch_idx):
+        return {"loss": super().training_step(batch, batch_idx), "masked_samples": batch[1] == 0}
+
+
+def test_skipping_shortens_epochs_and_the_decay_still_ends_at_the_last_batch():
+    # 40 samples, half of class 0, batches of 4: epoch 0 runs 10 batches, epoch 1 only the 20
+    # unmasked samples (5 batches), epoch 2 (the full-data epoch) all 10. The share done before
+    # a step counts epochs plus the batches of the current epoch over its own length.
+    images = torch.randn(40, 1, 4, 4)
+    labels = torch.arange(40) % 2
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    model = LabelZeroMasked(num_classes=3, channels=4, lr=BASE_LR, lr_schedule="linear")
+    recorder = fit_lrs(model, loader, callbacks=[SkipMaskedSamples(max_rest=1, full_data_epochs=1)], max_epochs=3)
+    shares = [b / 10 / 3 for b in range(10)] + [(1 + b / 5) / 3 for b in range(5)] + [(2 + b / 10) / 3 for b in range(10)]
+    assert len(recorder.lrs) == 25  # not the 30 that estimated_stepping_batches plans
+    assert recorder.lrs == pytest.approx([BASE_LR * (1 - share) for share in shares])
 
 
 class StopAfterSteps(L.Callback):
