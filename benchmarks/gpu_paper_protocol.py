@@ -414,14 +414,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payload", type=Path, default=Path(".gpu_payload"), help="folder written by benchmarks/gpu_payload.py (relative to the repository)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole script, from --started-at")
     parser.add_argument("--started-at", type=float, default=None, help="epoch seconds the budget counts from (default: now)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--parallel", type=int, default=len(ARMS), help="fits side by side on the GPU")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; 1 with --dry-run)")
+    parser.add_argument("--parallel", type=int, default=None, help=f"fits side by side (default {len(ARMS)}; 3 with --dry-run)")
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated, in order")
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--dry-run", action="store_true", help="a few batches per fit on the CPU; the committed journals are not read")
     args = parser.parse_args(argv)
     args.started_at = args.started_at or time.time()
+    if args.seeds is None:
+        args.seeds = 1 if args.dry_run else 3
+    if args.parallel is None:
+        args.parallel = 3 if args.dry_run else len(ARMS)
+    if args.seeds < 1 or args.parallel < 1:
+        parser.error(f"--seeds and --parallel must be >= 1, got {args.seeds} and {args.parallel}")
     if args.work is None:
         args.work = ROOT / "runs/paper_protocol_dry_work" if args.dry_run else Path("/tmp/paper_protocol")
     if args.dry_run and args.out == Path(os.environ.get("OUT") or "runs/paper_protocol"):
