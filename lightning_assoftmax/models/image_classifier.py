@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -12,7 +12,12 @@ from torch import Tensor, nn
 from lightning_assoftmax.family import classifier_head
 from lightning_assoftmax.functional._checks import check_positive_int, check_real
 from lightning_assoftmax.mixin import ASSoftmaxMixin
-from lightning_assoftmax.models._common import adamw, check_class_names
+from lightning_assoftmax.models._common import (
+    adamw,
+    check_class_names,
+    check_lr_schedule,
+    optimizers_with_schedule,
+)
 
 __all__ = ["ImageClassifier"]
 
@@ -35,6 +40,14 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         delta: the AS-Softmax margin in [0, 1].
         class_names: the label of each class, in output order (the CLI copies the datamodule's
             ``class_names``), so that a checkpoint names its predictions.
+        lr_schedule: ``"constant"`` (default) or ``"linear"``: after the warm-up, keep the
+            learning rate or decay it linearly to 0 at the end of training. Placed by the share of
+            training done (epochs and batches of ``max_epochs``, or steps of ``max_steps``), so
+            the decay ends at the last batch also when ``AdaptiveGradAccumulation`` takes fewer
+            optimizer steps than planned or ``SkipMaskedSamples`` shortens epochs (see
+            :func:`~lightning_assoftmax.models._common.training_progress`).
+        warmup_fraction: share of training over which the learning rate rises linearly from 0
+            to ``lr`` (in [0, 1); 0: no warm-up).
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
             ``multilabel``, ``ignore_index``.
     """
@@ -49,6 +62,8 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         weight_decay: float = 1e-4,
         delta: float = 0.1,
         class_names: Sequence[str] | None = None,
+        lr_schedule: Literal["constant", "linear"] = "constant",
+        warmup_fraction: float = 0.0,
         **as_softmax_options: Any,
     ) -> None:
         super().__init__(delta=delta, **as_softmax_options)
@@ -61,6 +76,7 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         check_real(dropout, f"{owner}: dropout", low=0.0, high=1.0, low_inclusive=True)
         self.lr = check_real(lr, f"{owner}: lr", low=0.0, low_inclusive=True)
         self.weight_decay = check_real(weight_decay, f"{owner}: weight_decay", low=0.0, low_inclusive=True)
+        self.lr_schedule, self.warmup_fraction = check_lr_schedule(owner, lr_schedule, warmup_fraction)
         wide = 2 * channels
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
@@ -98,5 +114,7 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         logits = self(images).float()
         return logits.sigmoid() if self.as_softmax_multilabel else logits.softmax(dim=-1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adamw(self, self.lr, self.weight_decay)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        return optimizers_with_schedule(
+            self, adamw(self, self.lr, self.weight_decay), self.lr_schedule, self.warmup_fraction
+        )

@@ -16,7 +16,9 @@ from lightning_assoftmax.mixin import ASSoftmaxMixin
 from lightning_assoftmax.models._common import (
     adamw,
     check_class_names,
+    check_lr_schedule,
     keep_class_counts_if_used,
+    optimizers_with_schedule,
     output_head,
 )
 
@@ -72,6 +74,14 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
             takes it from the datamodule. Kept in the hyperparameters only when the head uses it.
         class_names: the label of each class, in output order (the CLI copies the datamodule's
             ``class_names``), so that a checkpoint names its predictions.
+        lr_schedule: ``"constant"`` (default) or ``"linear"``: after the warm-up, keep the
+            learning rate or decay it linearly to 0 at the end of training. Placed by the share of
+            training done (epochs and batches of ``max_epochs``, or steps of ``max_steps``), so
+            the decay ends at the last batch also when ``AdaptiveGradAccumulation`` takes fewer
+            optimizer steps than planned or ``SkipMaskedSamples`` shortens epochs (see
+            :func:`~lightning_assoftmax.models._common.training_progress`).
+        warmup_fraction: share of training over which the learning rate rises linearly from 0
+            to ``lr`` (in [0, 1); 0: no warm-up).
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss`` (another member
             of the softmax family, e.g. ``"softmax"`` for the plain baseline), ``loss_kwargs``,
             ``ignore_index``.
@@ -96,6 +106,8 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         head_kwargs: Mapping[str, Any] | None = None,
         class_counts: Sequence[int] | None = None,
         class_names: Sequence[str] | None = None,
+        lr_schedule: Literal["constant", "linear"] = "constant",
+        warmup_fraction: float = 0.0,
         **as_softmax_options: Any,
     ) -> None:
         super().__init__(delta=delta, multilabel=multilabel, **as_softmax_options)
@@ -116,6 +128,7 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
             raise ValueError(f"{owner}: hidden_dim must be an integer >= 0 (0: linear head), got {hidden_dim!r}.")
         self.lr = check_real(lr if lr is not None else (5e-5 if backbone else 3e-3), f"{owner}: lr", low=0.0, low_inclusive=True)
         self.weight_decay = check_real(weight_decay, f"{owner}: weight_decay", low=0.0, low_inclusive=True)
+        self.lr_schedule, self.warmup_fraction = check_lr_schedule(owner, lr_schedule, warmup_fraction)
         self.pooling = pooling
         self.encoder: nn.Module | None = None
         if backbone:
@@ -219,8 +232,10 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
         logits = self._logits(batch).float()
         return logits.sigmoid() if self.as_softmax_multilabel else logits.softmax(dim=-1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adamw(self, self.lr, self.weight_decay)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        return optimizers_with_schedule(
+            self, adamw(self, self.lr, self.weight_decay), self.lr_schedule, self.warmup_fraction
+        )
 
 
 def _pretrained_word_embeddings(name: str) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -15,7 +15,9 @@ from lightning_assoftmax.mixin import ASSoftmaxMixin
 from lightning_assoftmax.models._common import (
     adamw,
     check_class_names,
+    check_lr_schedule,
     keep_class_counts_if_used,
+    optimizers_with_schedule,
     output_head,
 )
 
@@ -64,6 +66,14 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
             takes it from the datamodule. Kept in the hyperparameters only when the head uses it.
         class_names: the label of each class, in output order (e.g. the tags of a tagging task),
             so that a checkpoint names its predictions; None for token ids.
+        lr_schedule: ``"constant"`` (default) or ``"linear"``: after the warm-up, keep the
+            learning rate or decay it linearly to 0 at the end of training. Placed by the share of
+            training done (epochs and batches of ``max_epochs``, or steps of ``max_steps``), so
+            the decay ends at the last batch also when ``AdaptiveGradAccumulation`` takes fewer
+            optimizer steps than planned or ``SkipMaskedSamples`` shortens epochs (see
+            :func:`~lightning_assoftmax.models._common.training_progress`).
+        warmup_fraction: share of training over which the learning rate rises linearly from 0
+            to ``lr`` (in [0, 1); 0: no warm-up).
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
             ``ignore_index``.
     """
@@ -84,6 +94,8 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         head_kwargs: Mapping[str, Any] | None = None,
         class_counts: Sequence[int] | None = None,
         class_names: Sequence[str] | None = None,
+        lr_schedule: Literal["constant", "linear"] = "constant",
+        warmup_fraction: float = 0.0,
         **as_softmax_options: Any,
     ) -> None:
         super().__init__(delta=delta, **as_softmax_options)
@@ -101,6 +113,7 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         check_real(dropout, f"{owner}: dropout", low=0.0, high=1.0, low_inclusive=True)
         self.lr = check_real(lr, f"{owner}: lr", low=0.0, low_inclusive=True)
         self.weight_decay = check_real(weight_decay, f"{owner}: weight_decay", low=0.0, low_inclusive=True)
+        self.lr_schedule, self.warmup_fraction = check_lr_schedule(owner, lr_schedule, warmup_fraction)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.rnn = nn.GRU(
             embed_dim, hidden_dim, num_layers=num_layers, batch_first=True, bidirectional=bidirectional,
@@ -151,5 +164,7 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
             return self.output.predict(self.features(batch["input_ids"]))
         return self(batch["input_ids"]).argmax(dim=-1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adamw(self, self.lr, self.weight_decay)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        return optimizers_with_schedule(
+            self, adamw(self, self.lr, self.weight_decay), self.lr_schedule, self.warmup_fraction
+        )
