@@ -661,10 +661,17 @@ def test_state_dict_round_trip_keeps_pending_and_open_window():
         "optimizer_steps": 7,
         "micro_batches": 11,
         "window_sizes": {1: 3, 2: 4},
+        "window_gradients": {"net.weight": torch.ones(2, 3)},
     }
     callback.load_state_dict(state)
     assert callback.accumulate_grad_batches == 2 and callback.pending_accumulate_grad_batches == 3
-    assert callback.state_dict() == state
+    saved = callback.state_dict()
+    assert saved.pop("window_gradients").keys() == {"net.weight"}
+    assert saved == {k: v for k, v in state.items() if k != "window_gradients"}
+    # a checkpoint of an earlier version, without gradients
+    legacy = {k: v for k, v in state.items() if k != "window_gradients"}
+    with pytest.warns(UserWarning, match="holds no gradients"):
+        AdaptiveGradAccumulation(max_accumulate_grad_batches=3).load_state_dict(legacy)
     smaller = AdaptiveGradAccumulation(max_accumulate_grad_batches=1)
     with pytest.warns(UserWarning, match="max_accumulate_grad_batches=1 from a checkpoint made with lam=1.0, max_accumulate_grad_batches=3"):
         smaller.load_state_dict(state)
