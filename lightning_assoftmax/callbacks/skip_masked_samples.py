@@ -204,10 +204,31 @@ class SkipMaskedSamples(Callback):
             pl_module.as_softmax_last_masked_samples = None
 
     # -- the loop ---------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A checkpoint saved after an epoch's last batch but before its epoch-end hooks (e.g.
+        # ModelCheckpoint(every_n_train_steps=...)) resumes into the next epoch without
+        # on_train_epoch_start, with the loader iterator and length Lightning made (in
+        # setup_data) for the epoch that was finished. Make the iterator again for the next
+        # epoch (a worker process may already have drawn the old indices) with that epoch's
+        # length. The loop's own count (trainer.num_training_batches) must stay the finished
+        # epoch's until the epoch loop has compared its restored batch count with it (which
+        # starts the new epoch at batch 0): it is set at the first batch.
+        if self._epoch is None or self._current_epoch(trainer) == self._epoch:
+            return
+        loop = trainer.fit_loop
+        if loop._combined_loader is None or loop._data_fetcher is None:
+            return
+        loop._combined_loader.limits = [self._epoch_length(trainer)]
+        iter(loop._data_fetcher)
+        self._length_pending = True
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_epoch_length(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._length_pending:
+            self._length_pending = False
+            self._set_epoch_length(trainer)
         if hasattr(pl_module, "as_softmax_last_masked_samples"):
             pl_module.as_softmax_last_masked_samples = None
 
@@ -502,13 +523,17 @@ class SkipMaskedSamples(Callback):
             return batches
         return max(1, int(batches * limit))
 
+    def _epoch_length(self, trainer: pl.Trainer) -> int:
+        """Batches of the current epoch on this process, after ``limit_train_batches``."""
+        return self._limit(trainer, self._batches_for(self._sampler_length()))
+
     def _set_epoch_length(self, trainer: pl.Trainer) -> None:
         """Tell the fit loop how many batches the current epoch has (Lightning reads it once per loader)."""
         loop = trainer.fit_loop
         combined = loop._combined_loader
         if combined is None:
             return
-        batches = self._limit(trainer, self._batches_for(self._sampler_length()))
+        batches = self._epoch_length(trainer)
         combined.limits = [batches]
         loop.max_batches = batches
         interval = trainer.val_check_interval
@@ -598,6 +623,7 @@ class SkipMaskedSamples(Callback):
         self._stream: Tensor | None = None
         self._batches_done = 0
         self._resume_batches = 0
+        self._length_pending = False
         self._pending: list[tuple[Tensor, Tensor]] = []
         self._history: list[dict[str, Any]] = []
 
