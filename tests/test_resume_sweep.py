@@ -12,7 +12,8 @@ nothing:
 - the accumulation windows: the window size each batch ran under and the optimizer step count after
   it (so which batches each step covered); the training delta of each batch where ``DeltaWarmup``
   is in the Trainer;
-- the final weights, bit for bit.
+- the final weights, bit for bit, and the callbacks' summaries (optimizer steps and window sizes;
+  batches, live and resting samples per epoch).
 
 Configurations: ``AdaptiveGradAccumulation`` alone (on a resumable loader), ``SkipMaskedSamples``
 alone, both together with ``DeltaWarmup``, and (slow) both with ``DeltaWarmup``, validation after
@@ -286,6 +287,9 @@ def test_every_checkpoint_resumes_into_the_uninterrupted_run(tmp_path, config):
         offsets.add(offset)
         assert resumed.log.rows == rows[offset:], where
         assert_same_weights(resumed.model, full.model, where)
+        for got, want in zip(resumed.callbacks, full.callbacks, strict=True):
+            if hasattr(want, "summary"):  # optimizer steps and window sizes; batches run per epoch
+                assert got.summary() == want.summary(), where
         correlation = resumed.correlation()
         if correlation is not None:
             want = full.correlation().history
