@@ -27,6 +27,11 @@ lacks that one run.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,3 +325,86 @@ def test_resume_into_a_longer_epoch_with_a_worker_process(tmp_path):
         assert resumed.log.offset == end
         assert resumed.log.rows == rows[end:]
         assert_same_weights(resumed.model, full.model, f"resumed after batch {end}")
+
+
+# -- DDP: a checkpoint inside a window ---------------------------------------------------------------------
+class SaveInsideFirstWindowOf2(L.Callback):
+    """Every process saves (as Lightning requires) after the first micro-batch of the first window
+    of 2 in epoch 1."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.saved = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        k = trainer.accumulate_grad_batches
+        if not self.saved and trainer.current_epoch == 1 and k == 2 and batch_idx % k == 0:
+            trainer.save_checkpoint(self.path)
+            self.saved = True
+
+
+def _ddp_worker(out_dir: str, mode: str) -> None:
+    """Run by the DDP test in a subprocess (rank 0; Lightning starts rank 1 with the same command)."""
+    # Each process its own resumable stream (different samples), so their gradients differ.
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    data = cluster_data(40, seed=10 + rank)
+    x, y, _ = data.tensors
+    L.seed_everything(0, verbose=False)
+    model = Classifier(init_seed=0 if mode == "full" else 123)
+    callbacks: list[L.Callback] = [AdaptiveGradAccumulation(max_accumulate_grad_batches=2)]
+    if mode == "full":
+        callbacks.append(SaveInsideFirstWindowOf2(Path(out_dir, "inside.ckpt")))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=True, callbacks=callbacks,
+    )
+    ckpt_path = None if mode == "full" else Path(out_dir, f"{mode}.ckpt")
+    trainer.fit(model, EpochSeededLoader(x, y, BATCH, seed=5, indices=True), ckpt_path=ckpt_path)
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+    Path(out_dir, f"{mode}-rank{trainer.global_rank}.json").write_text(json.dumps(weights))
+
+
+def run_ddp_worker(out_dir: Path, mode: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"
+    command = ["timeout", "-k", "10", "240", sys.executable, __file__, "--ddp-worker", str(out_dir), mode]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=270)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the 2-process DDP run ({mode}) hung")
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, f"DDP run ({mode}) failed or timed out (rc={proc.returncode}):\n{text[-4000:]}"
+    return text
+
+
+def ddp_weights(out_dir: Path, mode: str) -> torch.Tensor:
+    ranks = [torch.tensor(json.loads((out_dir / f"{mode}-rank{r}.json").read_text())) for r in (0, 1)]
+    torch.testing.assert_close(ranks[0], ranks[1])
+    return ranks[0]
+
+
+@pytest.mark.slow
+def test_ddp_resume_inside_a_window_continues_with_the_averaged_gradients(tmp_path):
+    run_ddp_worker(tmp_path, "full")
+    checkpoint = torch.load(tmp_path / "inside.ckpt", weights_only=False)
+    (key,) = [key for key in checkpoint["callbacks"] if key.startswith("AdaptiveGradAccumulation")]
+    state = checkpoint["callbacks"][key]
+    assert state["window_batches"] == 1 and state["accumulate_grad_batches"] == 2
+    assert state["window_gradients"]
+    torch.save(checkpoint, tmp_path / "resume.ckpt")
+    del state["window_gradients"]  # as an earlier version wrote it
+    torch.save(checkpoint, tmp_path / "without.ckpt")
+
+    output = run_ddp_worker(tmp_path, "resume")
+    assert "holds no gradients" not in output
+    full = ddp_weights(tmp_path, "full")
+    torch.testing.assert_close(ddp_weights(tmp_path, "resume"), full)
+    # The comparison can tell: without the window's first micro-batch the run ends elsewhere.
+    assert "holds no gradients" in run_ddp_worker(tmp_path, "without")
+    assert (ddp_weights(tmp_path, "without") - full).abs().max() > 1e-3
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--ddp-worker":
+    _ddp_worker(sys.argv[2], sys.argv[3])
