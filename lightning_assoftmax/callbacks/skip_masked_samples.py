@@ -89,7 +89,9 @@ class SkipMaskedSamples(Callback):
 
     Checkpoints hold the per-sample state, the epoch's live set and order and the flags collected
     so far, so a resumed fit continues as an uninterrupted one, also from a checkpoint taken in
-    the middle of an epoch (the rest of that epoch's batches follow). Later epochs are identical
+    the middle of an epoch (the rest of that epoch's batches follow) or after an epoch's last batch
+    (Lightning then starts the next epoch without ``on_train_epoch_start``; the callback gives it
+    its own length and live samples when training starts). Later epochs are identical
     when their order is reproducible (under DDP, ``shuffle=False``, or a ``DistributedSampler``);
     a one-device ``shuffle=True`` order comes from torch's global random state, which Lightning
     does not checkpoint.
