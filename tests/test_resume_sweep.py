@@ -181,11 +181,14 @@ class Run:
         return next((c for c in self.callbacks if isinstance(c, LossAccuracyCorrelation)), None)
 
 
-def fit(config: Config, *, save: Path | None = None, ckpt_path: Path | None = None, seed: int = 0, num_workers: int = 0) -> Run:
+def fit(
+    config: Config, *, save: Path | None = None, ckpt_path: Path | None = None, seed: int = 0, num_workers: int = 0,
+    first: list[L.Callback] | None = None,
+) -> Run:
     L.seed_everything(seed, verbose=False)
     model = Classifier(init_seed=seed)
     bundle, log = config.callbacks(), BatchLog()
-    callbacks = [*bundle, log]
+    callbacks = [*(first or []), *bundle, log]
     if save is not None:
         if config.accumulation:
             callbacks.append(SaveInsideWindows(save))
@@ -237,6 +240,10 @@ def windows(rows: list[tuple]) -> list[tuple[int, list[int]]]:
             batches, steps = [], row[-1]
     assert not batches, "the run ends with an optimizer step"
     return out
+
+
+def epoch_of(rows: list[tuple], position: int) -> int:
+    return rows[position][0]
 
 
 def epoch_lengths(rows: list[tuple]) -> list[int]:
@@ -316,9 +323,18 @@ def test_every_checkpoint_resumes_into_the_uninterrupted_run(tmp_path, config):
     assert {position + 1 for position, row in enumerate(rows) if row[-1] > (rows[position - 1][-1] if position else 0)} <= offsets
 
 
+class ReadsTheLoaderLength(L.Callback):
+    """Listed first: reads the training loader's length when training starts, as a progress bar
+    or a schedule might, before ``SkipMaskedSamples`` sees the resumed epoch."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.length = len(trainer.train_dataloader)
+
+
 def test_resume_into_a_longer_epoch_with_a_worker_process(tmp_path):
-    """Finding 4 with the loader in a worker process, which draws the sampler's indices when the
-    iterator is made (before the fit loop moves to the next epoch)."""
+    """A step checkpoint after an epoch's last batch, followed by a longer epoch, with the loader
+    in a worker process, which draws the sampler's indices when the iterator is made (before the
+    fit loop moves to the next epoch)."""
     config = Config("skipping", skipping=True)
     full = fit(config, num_workers=1)
     rows = full.log.rows
@@ -329,7 +345,9 @@ def test_resume_into_a_longer_epoch_with_a_worker_process(tmp_path):
     ends = [sum(lengths[: e + 1]) for e in range(EPOCHS - 1) if lengths[e + 1] > lengths[e]]
     for end in ends:
         step = rows[end - 1][-1]
-        resumed = fit(config, ckpt_path=tmp_path / f"step={step}.ckpt", seed=123, num_workers=1)
+        reader = ReadsTheLoaderLength()
+        resumed = fit(config, ckpt_path=tmp_path / f"step={step}.ckpt", seed=123, num_workers=1, first=[reader])
+        assert reader.length == lengths[epoch_of(rows, end)]
         assert resumed.log.offset == end
         assert resumed.log.rows == rows[end:]
         assert_same_weights(resumed.model, full.model, f"resumed after batch {end}")

@@ -215,10 +215,18 @@ class SkipMaskedSamples(Callback):
         # length. The loop's own count (trainer.num_training_batches) must stay the finished
         # epoch's until the epoch loop has compared its restored batch count with it (which
         # starts the new epoch at batch 0): it is set at the first batch.
-        if self._epoch is None or self._current_epoch(trainer) == self._epoch:
-            return
         loop = trainer.fit_loop
-        if loop._combined_loader is None or loop._data_fetcher is None:
+        if self._epoch is None or loop._combined_loader is None or loop._data_fetcher is None:
+            return
+        # Lightning's own test for this case (its fit loop has already moved to the next epoch);
+        # the epoch comparison covers versions without these properties.
+        epoch_loop = loop.epoch_loop
+        finished = (
+            getattr(loop, "restarted_mid_epoch", False)
+            and getattr(epoch_loop, "restarted_on_train_batch_end", False)
+            and epoch_loop.batch_progress.is_last_batch
+        )
+        if not finished and self._current_epoch(trainer) == self._epoch:
             return
         loop._combined_loader.limits = [self._epoch_length(trainer)]
         iter(loop._data_fetcher)
