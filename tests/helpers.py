@@ -109,10 +109,14 @@ class EpochSeededLoader:
 
     Lightning calls ``sampler.set_epoch`` at every epoch start and saves ``state_dict`` in
     checkpoints; sized iterables are not prefetched, so ``consumed`` is what the loop has taken.
+    With ``indices=True`` each batch also holds its samples' indices: ``(x, y, idx)``.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True, indices: bool = False
+    ):
         self.x, self.y, self.batch_size, self.seed, self.shuffle = x, y, batch_size, seed, shuffle
+        self.indices = indices
         self.sampler = self
         self.epoch = 0
         self.consumed = 0
@@ -137,7 +141,7 @@ class EpochSeededLoader:
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             self.consumed = b + 1
-            yield self.x[idx], self.y[idx]
+            yield (self.x[idx], self.y[idx], idx) if self.indices else (self.x[idx], self.y[idx])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import TinyClassifier, blobs, loader, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_assoftmax import DeltaWarmup
@@ -90,3 +91,42 @@ def test_infinite_training_is_refused():
     t = trainer(max_epochs=-1, max_steps=-1, callbacks=[DeltaWarmup(0.1)], limit_val_batches=0)
     with pytest.raises(ValueError, match="finite training length"):
         t.fit(TinyClassifier(), loader(blobs(16)))
+
+
+class FailAfterStep(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise RuntimeError("out of memory (simulated)")
+
+
+def test_a_fit_that_raises_leaves_the_target_delta():
+    model = TinyClassifier(delta=0.1)
+    t = trainer(max_epochs=3, callbacks=[DeltaWarmup(warmup_fraction=1.0), FailAfterStep(2)], limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        t.fit(model, loader(blobs(64)))
+    assert model.as_softmax_delta == 0.1
+
+
+def fit_with_checkpoints(tmp_path, max_epochs, warmup, ckpt_path=None):
+    model, rec = TinyClassifier(delta=0.1), DeltaRecorder()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    t = trainer(max_epochs=max_epochs, callbacks=[warmup, rec, checkpoint], limit_val_batches=0, enable_checkpointing=True)
+    t.fit(model, loader(blobs(64)), ckpt_path=ckpt_path)
+    return rec.seen
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_a_resumed_fit_continues_the_warmup_placed_when_training_started(tmp_path):
+    # 4 steps per epoch, 3 epochs: the warm-up spans steps 0-12. Resumed after epoch 1 into a
+    # longer run (6 epochs), it still ends at step 12, not at 24.
+    fit_with_checkpoints(tmp_path, 3, DeltaWarmup(warmup_fraction=1.0))
+    seen = fit_with_checkpoints(tmp_path / "resumed", 6, DeltaWarmup(warmup_fraction=1.0), ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert [step for step, _ in seen] == list(range(8, 24))
+    assert [d for _, d in seen] == pytest.approx([1.0 - 0.9 * min(1.0, step / 12) for step, _ in seen])
+    # other settings: the warm-up is placed anew on this run's 24 steps
+    with pytest.warns(UserWarning, match="placed anew"):
+        seen = fit_with_checkpoints(tmp_path / "changed", 6, DeltaWarmup(warmup_fraction=0.5), ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert [d for _, d in seen] == pytest.approx([1.0 - 0.9 * min(1.0, step / 12) for step, _ in seen])

@@ -718,6 +718,53 @@ def test_margin_annealing_schedule_and_its_place_in_training():
     assert "train/margin_lambda" in trainer.callback_metrics
 
 
+class LamSpy(L.Callback):
+    """Listed after ``MarginAnnealing``: the lam each training batch runs with; raises (as an
+    out-of-memory error would) at the first batch after optimizer step ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.fail_at = fail_at
+        self.lams: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.fail_at is not None and trainer.global_step >= self.fail_at:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        self.lams.append(pl_module.as_softmax_criterion.lam)
+
+
+def annealed_fit(model, fail_at=None):
+    spy = LamSpy(fail_at)
+    fit(model, blob_data(), max_epochs=2, limit_val_batches=0, callbacks=[MarginAnnealing(base=100.0, gamma=2.0), spy])
+    return spy.lams
+
+
+def test_margin_annealing_after_a_fit_that_raised_runs_the_schedule_of_a_fresh_fit():
+    kwargs = {"margin": 2, "lam": 5.0}
+    want = [max(5.0, 100.0 / (1.0 + 2.0 * step)) for step in range(12)]  # 2 epochs of 6 batches
+    L.seed_everything(0, verbose=False)
+    assert annealed_fit(MarginClassifier(loss="sphereface", loss_kwargs=kwargs)) == pytest.approx(want)
+
+    model = MarginClassifier(loss="sphereface", loss_kwargs=kwargs)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        annealed_fit(model, fail_at=3)
+    # the loss is back at its configured lam, not at the annealed 100 / 7 of step 3
+    assert model.as_softmax_criterion.lam == 5.0
+    assert annealed_fit(model) == pytest.approx(want)
+
+
+def test_margin_annealing_takes_its_floor_from_the_configuration_not_the_loss_state():
+    want = [max(5.0, 100.0 / (1.0 + 2.0 * step)) for step in range(12)]
+    model = MarginClassifier(loss="l_softmax", loss_kwargs={"margin": 2, "lam": 5.0})
+    model.as_softmax_criterion.lam = 40.0  # left there by some earlier schedule
+    assert annealed_fit(model) == pytest.approx(want)
+    assert model.as_softmax_criterion.lam == 5.0
+    # without lam in loss_kwargs the floor is the loss's default, 0
+    model = MarginClassifier(loss="l_softmax", loss_kwargs={"margin": 2})
+    model.as_softmax_criterion.lam = 40.0
+    assert annealed_fit(model) == pytest.approx([100.0 / (1.0 + 2.0 * step) for step in range(12)])
+    assert model.as_softmax_criterion.lam == 0.0
+
+
 @pytest.mark.parametrize(("loss", "loss_kwargs"), [("l_softmax", {"margin": 2}), ("weighted_softmax", {"class_counts": [1, 2, 3, 4]})])
 def test_per_batch_glue_reads_no_tensor_value_on_the_host(monkeypatch, loss, loss_kwargs):
     from test_no_host_sync import HostReads

@@ -322,6 +322,26 @@ def test_resume_continues_the_history(tmp_path):
     assert resumed.correlations["val/loss_acc_pearson"] == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended")
+def test_resume_with_no_validation_left_reports_the_restored_correlations(tmp_path, info_lines):
+    # A step checkpoint at the last batch of the last epoch (6 batches per epoch): Lightning
+    # resumes it as a finished run, no validation follows, and the report at the end of training
+    # comes from the restored history alone.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=24, save_top_k=-1)
+    straight = LossAccuracyCorrelation(save_figure=False)
+    fit(tmp_path / "first", [straight, checkpoint], epochs=4)
+    (path,) = (tmp_path / "ckpt").glob("*step=24*.ckpt")
+
+    resumed = LossAccuracyCorrelation(save_figure=False)
+    fit(tmp_path / "resumed", [resumed], epochs=4, model=BlobsMLP(), ckpt_path=path)
+    # the checkpoint came before the last epoch's validation run
+    assert resumed.history == straight.history[:3]
+    losses, accs = [r["loss"] for r in resumed.history], [r["acc"] for r in resumed.history]
+    assert resumed.correlations["val/loss_acc_pearson"] == pytest.approx(pearson(losses, accs), abs=1e-6)
+    assert resumed.correlations["val/loss_acc_spearman"] == pytest.approx(spearman(losses, accs), abs=1e-5)
+    assert any("(3 validation runs)" in line for line in info_lines)
+
+
 def test_figure_is_a_png_in_the_log_dir_and_reaches_tensorboard(tmp_path):
     matplotlib_image = pytest.importorskip("matplotlib.image")
     pytest.importorskip("tensorboard")

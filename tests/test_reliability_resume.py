@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -304,23 +305,53 @@ def fit_with(tmp_path, model, callbacks, ckpt_path=None):
     return trainer
 
 
-def test_resume_inside_a_window_warns_and_steps_on_the_mean_of_the_batches_it_has(tmp_path):
-    path = tmp_path / "inside.ckpt"
+def stop_inside_a_window(tmp_path) -> tuple[Path, dict]:
+    """A first fit that saves after the first micro-batch of a window of 2 and stops; returns the
+    checkpoint and that micro-batch (its inputs and the weights it met)."""
+    path, seen = tmp_path / "inside.ckpt", MicroBatches()
     stopper = SaveAndStopInsideWindow(path)
-    fit_with(tmp_path, RecordingClassifier(), [AdaptiveGradAccumulation(max_accumulate_grad_batches=2), stopper])
-    epoch, batch_idx = stopper.saved_at
+    fit_with(tmp_path, RecordingClassifier(), [AdaptiveGradAccumulation(max_accumulate_grad_batches=2), stopper, seen])
+    assert stopper.saved_at[1] == seen.seen[-1]["batch_idx"]
+    return path, seen.seen[-1]
+
+
+def test_resume_inside_a_window_steps_on_the_whole_window(tmp_path):
+    path, before = stop_inside_a_window(tmp_path)
+    model, seen = RecordingClassifier(init_seed=5), MicroBatches()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_with(tmp_path, model, [AdaptiveGradAccumulation(max_accumulate_grad_batches=2), seen], ckpt_path=path)
+    assert not [w for w in caught if "AdaptiveGradAccumulation" in str(w.message)]
+    # The window {batch_idx, batch_idx + 1} resumes at its second micro-batch, and its step is the
+    # mean over both: the first one's gradient came back from the checkpoint.
+    first = seen.seen[0]
+    assert first["batch_idx"] == before["batch_idx"] + 1 and first["steps"] == 0
+    assert seen.seen[1]["steps"] == 1
+    for got, want in zip(model.step_grads[0], reference_mean_gradient(model, [before, first]), strict=True):
+        torch.testing.assert_close(got, want)
+    second = [b for b in seen.seen if b["steps"] == 1]
+    assert len(second) == 2
+    for got, want in zip(model.step_grads[1], reference_mean_gradient(model, second), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_resume_inside_a_window_without_its_gradients_warns_and_steps_on_the_batches_it_has(tmp_path):
+    path, before = stop_inside_a_window(tmp_path)
+    # A checkpoint that holds no gradients (written by an earlier version, or under FSDP).
+    checkpoint = torch.load(path, weights_only=False)
+    (key,) = [key for key in checkpoint["callbacks"] if key.startswith("AdaptiveGradAccumulation")]
+    assert checkpoint["callbacks"][key].pop("window_gradients")
+    torch.save(checkpoint, path)
 
     model, seen = RecordingClassifier(init_seed=5), MicroBatches()
-    with pytest.warns(UserWarning, match=r"inside an accumulation window, after 1 of its 2 micro-batches"):
+    with pytest.warns(UserWarning, match=r"inside an accumulation window, after 1 of its 2 micro-batches, and holds no gradients"):
         fit_with(tmp_path, model, [AdaptiveGradAccumulation(max_accumulate_grad_batches=2), seen], ckpt_path=path)
-    # The window {batch_idx, batch_idx + 1} resumes at its second micro-batch: the first one's
-    # gradient is gone, and the step is the gradient of the one micro-batch it has, not half of it.
+    # The first micro-batch's gradient is gone: the step is the gradient of the one it has, not half of it.
     first = seen.seen[0]
-    assert first["batch_idx"] == batch_idx + 1 and first["steps"] == 0
+    assert first["batch_idx"] == before["batch_idx"] + 1 and first["steps"] == 0
     assert seen.seen[1]["steps"] == 1
     for got, want in zip(model.step_grads[0], reference_mean_gradient(model, [first]), strict=True):
         torch.testing.assert_close(got, want)
-    # The next window is whole again.
     second = [b for b in seen.seen if b["steps"] == 1]
     assert len(second) == 2
     for got, want in zip(model.step_grads[1], reference_mean_gradient(model, second), strict=True):

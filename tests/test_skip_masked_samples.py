@@ -8,14 +8,10 @@ anything to skip against a run without the callback, batch for batch and weight 
 
 from __future__ import annotations
 
-import re
-import warnings
-
 import lightning as L
 import pytest
 import torch
 from helpers import TinyClassifier, XYSteps, blobs, trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from reference import reference_as_softmax, reference_multilabel
 from torch import nn
 from torch.utils.data import (
@@ -486,61 +482,6 @@ def test_it_composes_with_adaptive_grad_accumulation_and_delta_warmup():
     steps = accumulation.summary()
     assert steps["plain_optimizer_steps"] == skipping.summary()["batches_run"] < skipping.summary()["full_batches"]
     assert steps["optimizer_steps"] == fit.global_step < steps["plain_optimizer_steps"]
-
-
-# -- checkpoints ------------------------------------------------------------------------------------------------
-class Interrupted(Exception):
-    pass
-
-
-class InterruptAfterStep(L.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            raise Interrupted
-
-
-def fit_resumable(tmp_path, name, *, interrupt_at=None, ckpt_path=None, every_n_train_steps=None, init_seed=0):
-    L.seed_everything(init_seed, verbose=False)
-    model = TinyClassifier(lr=0.2)
-    recorder, callback = BatchRecorder(), SkipMaskedSamples(max_rest=4)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=every_n_train_steps, save_top_k=-1)
-    callbacks = ([InterruptAfterStep(interrupt_at)] if interrupt_at else []) + [callback, recorder, checkpoint]
-    data = blobs(120, seed=3)
-    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=5))
-    fit = trainer(max_epochs=7, callbacks=callbacks, enable_checkpointing=True)
-    try:
-        fit.fit(model, loader, ckpt_path=ckpt_path)
-    except Interrupted:
-        pass
-    return model, recorder.batches, callback
-
-
-@pytest.mark.parametrize("every_n_train_steps", [None, 37])  # epoch ends / inside epoch 3
-def test_a_resumed_fit_continues_as_an_uninterrupted_one(tmp_path, every_n_train_steps):
-    full_model, full_batches, full_callback = fit_resumable(tmp_path, "full")
-    records = full_callback.summary()["epochs"]
-    assert any(r["resting"] for r in records)
-    stop = every_n_train_steps or sum(r["batches"] for r in records[:3])  # the end of epoch 2
-    _, first_batches, _ = fit_resumable(tmp_path, "first", interrupt_at=stop, every_n_train_steps=every_n_train_steps)
-    checkpoints = sorted((tmp_path / "first").glob("*.ckpt"), key=lambda p: int(re.search(r"step=(\d+)", p.name).group(1)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        resumed_model, resumed_batches, resumed_callback = fit_resumable(
-            tmp_path, "resumed", ckpt_path=checkpoints[-1], init_seed=11
-        )
-    assert len(first_batches) == stop
-    if every_n_train_steps:
-        ends = [sum(r["batches"] for r in records[: i + 1]) for i in range(len(records))]
-        assert stop not in ends, "the checkpoint lies inside an epoch"
-    assert len(first_batches) + len(resumed_batches) == len(full_batches)
-    for got, want in zip(first_batches + resumed_batches, full_batches, strict=True):
-        assert torch.equal(got, want)
-    for got, want in zip(resumed_model.parameters(), full_model.parameters(), strict=True):
-        torch.testing.assert_close(got, want)
-    assert resumed_callback.summary() == full_callback.summary()
 
 
 def test_subset_datasets_and_sequential_order_are_supported():

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -78,12 +79,15 @@ class AdaptiveGradAccumulation(Callback):
 
     Each ``fit`` that does not resume from a checkpoint starts afresh (``k = 1``, zero counters),
     also with an instance reused from an earlier fit. The state (current and pending ``k``, the
-    open window's counts, the step counters) is saved in checkpoints, so a resumed fit continues with the same windows, also from a checkpoint taken
-    mid-epoch at an optimizer step (``ModelCheckpoint(every_n_train_steps=...)``) when the data
-    loader is resumable. Gradients are not part of a checkpoint: resuming from one taken in the
-    middle of a window loses that window's first micro-batches, as with a fixed
-    ``accumulate_grad_batches``; the resumed window's step is then the mean over the micro-batches
-    run after the resume, and a warning says so.
+    open window's counts, the step counters) is saved in checkpoints, so a resumed fit continues
+    with the same windows, from a checkpoint taken at an epoch's end or mid-epoch
+    (``ModelCheckpoint(every_n_train_steps=...)``, a mid-epoch validation) when the data loader is
+    resumable. A checkpoint taken inside a window also holds the gradients accumulated so far
+    (Lightning saves none; on one device or under DDP, where they are averaged over the processes
+    first), so the resumed window's step is the one of an uninterrupted run. Where they cannot be
+    saved (a strategy that shards them, such as FSDP, or a checkpoint written by an earlier
+    version), the resumed window's step is the mean over the micro-batches run after the resume,
+    and a warning says so.
 
     Note:
         ``trainer.estimated_stepping_batches`` assumes a constant ``accumulate_grad_batches``.
@@ -186,6 +190,7 @@ class AdaptiveGradAccumulation(Callback):
         # A fresh fit starts at k=1 with zero counters, also for an instance reused from an earlier
         # fit; a resumed fit then gets its state from the checkpoint (restored after setup).
         self._reset_state()
+        self._trainer, self._module = trainer, pl_module
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 "AdaptiveGradAccumulation needs automatic optimization: Lightning only accumulates gradients "
@@ -228,6 +233,11 @@ class AdaptiveGradAccumulation(Callback):
         if pending is not None and batch_idx % k == 0 and batch_idx % pending == 0:
             self._k, self._pending = pending, None
         trainer.accumulate_grad_batches = self._set_value = self._k
+        if self._restored_gradients is not None:
+            gradients, self._restored_gradients = self._restored_gradients, None
+            # Lightning zeroes gradients only at a window's first batch: these are kept.
+            if batch_idx % self._k != 0:
+                self._put_gradients(pl_module, gradients)
         self._batch_idx = batch_idx
         self._stepped = False
         if hasattr(pl_module, "as_softmax_last_stats"):  # ASSoftmaxMixin: a batch without a logging call reads None
@@ -299,6 +309,8 @@ class AdaptiveGradAccumulation(Callback):
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._trainer = self._module = None
         if stage == "fit" and self._set_value is not None:
             # Leave the Trainer as configured, so a later fit/validate with it starts clean.
             trainer.accumulate_grad_batches = 1
@@ -317,6 +329,7 @@ class AdaptiveGradAccumulation(Callback):
             "optimizer_steps": self._optimizer_steps,
             "micro_batches": self._micro_batches,
             "window_sizes": dict(self._window_sizes),
+            "window_gradients": self._window_gradients(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -326,11 +339,14 @@ class AdaptiveGradAccumulation(Callback):
         self._window_batches = int(state_dict.get("window_batches", 0))
         counts = state_dict.get("window_counts", [0, 0, 0])
         self._window_counts = torch.tensor(counts, dtype=torch.long) if self._window_batches else None
-        self._unsaved_batches = self._window_batches
-        if self._window_batches:
+        gradients = state_dict.get("window_gradients")
+        self._restored_gradients = gradients if self._window_batches and gradients is not None else None
+        self._unsaved_batches = self._window_batches if self._restored_gradients is None else 0
+        if self._unsaved_batches:
             rank_zero_warn(
                 f"AdaptiveGradAccumulation: this checkpoint was taken inside an accumulation window, after "
-                f"{self._window_batches} of its {self._k} micro-batches. Checkpoints hold no gradients, so the "
+                f"{self._window_batches} of its {self._k} micro-batches, and holds no gradients of them (it was "
+                "written by an earlier version, or under a strategy that shards gradients, such as FSDP). The "
                 "resumed window's optimizer step is the mean over the micro-batches run after the resume "
                 "only. For an exact continuation, resume from a checkpoint taken at an optimizer step, e.g. "
                 "ModelCheckpoint(every_n_train_steps=...)."
@@ -366,6 +382,50 @@ class AdaptiveGradAccumulation(Callback):
         self._micro_batches = 0
         self._window_sizes: Counter[int] = Counter()
         self._counted_batches = 0
+        self._restored_gradients: dict[str, Tensor] | None = None
+        self._trainer: pl.Trainer | None = None
+        self._module: pl.LightningModule | None = None
+
+    def _window_gradients(self) -> dict[str, Tensor] | None:
+        """The gradients accumulated in the open window, by parameter name, on the CPU; ``None``
+        where they cannot be saved."""
+        if not self._window_batches:
+            return None
+        if self._restored_gradients is not None:  # restored, not yet put back
+            return self._restored_gradients
+        trainer, module = self._trainer, self._module
+        if trainer is None or module is None:
+            return None
+        strategy = trainer.strategy
+        # Every process holds whole parameters only on one device and under DDP (FSDP and
+        # model-parallel strategies shard them).
+        if type(strategy) is not SingleDeviceStrategy and type(strategy) is not DDPStrategy:
+            return None
+        gradients = {}
+        for name, param in module.named_parameters():
+            if param.grad is None:
+                continue
+            grad = param.grad.detach()
+            if trainer.world_size > 1:
+                # DDP accumulates local sums between synchronisations and averages them at the
+                # window's last backward: restoring the average on every process gives the same
+                # step (averaging is linear), whatever process saves. Every process saves together.
+                grad = strategy.reduce(grad.clone(), reduce_op="mean")
+            gradients[name] = grad.to("cpu", copy=True)
+        return gradients
+
+    @staticmethod
+    def _put_gradients(pl_module: pl.LightningModule, gradients: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in pl_module.named_parameters():
+                saved = gradients.get(name)
+                if saved is None:
+                    continue
+                saved = saved.to(device=param.device, dtype=param.dtype)
+                if param.grad is None:
+                    param.grad = saved
+                else:
+                    param.grad.copy_(saved)
 
     def _check_not_overridden(self, trainer: pl.Trainer) -> None:
         if self._set_value is not None and trainer.accumulate_grad_batches != self._set_value:

@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_assoftmax.callbacks._checks import require_mixin
 from lightning_assoftmax.functional._checks import check_real
@@ -26,7 +27,10 @@ class DeltaWarmup(Callback):
     With ``start_delta=1`` (default) training starts as plain softmax cross entropy.
     ``warmup_fraction=0`` means no warm-up. Only the training loss follows the schedule; validation
     and test use the target delta. Logs ``train/delta``. The step count comes from
-    ``trainer.global_step``, so a resumed run continues the schedule where it stopped.
+    ``trainer.global_step``, and the warm-up length :math:`r\,S`, placed when training starts, is
+    saved in checkpoints: a resumed run continues the same schedule where it stopped (also when
+    the estimate read at the resume would differ, e.g. with ``SkipMaskedSamples``' shorter
+    epochs, or a larger ``max_epochs``).
 
     Note:
         ``estimated_stepping_batches`` assumes a constant ``accumulate_grad_batches``; with
@@ -46,6 +50,12 @@ class DeltaWarmup(Callback):
         self.warmup_fraction = float(warmup_fraction)
         self.start_delta = float(start_delta)
         self._warmup_steps = 0.0
+        self._restored_warmup_steps: float | None = None
+
+    @property
+    def warmup_steps(self) -> float:
+        """Optimizer steps of the warm-up, :math:`r\\,S` (0 before training starts or without warm-up)."""
+        return self._warmup_steps
 
     def delta_at(self, step: int, target_delta: float) -> float:
         """The scheduled delta after ``step`` optimizer steps."""
@@ -70,7 +80,17 @@ class DeltaWarmup(Callback):
                 "loss='as_softmax'."
             )
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before a checkpoint is restored: a fit that does not resume places the warm-up afresh.
+        if stage == "fit":
+            self._restored_warmup_steps = None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored_warmup_steps is not None:
+            # The estimate read now is not the one the run started from: a resumed
+            # SkipMaskedSamples epoch is shorter than a full one, and max_epochs may have grown.
+            self._warmup_steps, self._restored_warmup_steps = self._restored_warmup_steps, None
+            return
         if self.warmup_fraction == 0:
             self._warmup_steps = 0.0
             return
@@ -91,3 +111,23 @@ class DeltaWarmup(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         pl_module.as_softmax_delta = pl_module.as_softmax_target_delta
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        # A fit stopped by an error (e.g. out of memory, caught in a notebook) leaves the module
+        # as a finished one does.
+        if hasattr(pl_module, "as_softmax_target_delta"):
+            pl_module.as_softmax_delta = pl_module.as_softmax_target_delta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warmup_fraction": self.warmup_fraction, "start_delta": self.start_delta, "warmup_steps": self._warmup_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (state_dict.get("warmup_fraction"), state_dict.get("start_delta"))
+        if saved != (self.warmup_fraction, self.start_delta):
+            rank_zero_warn(
+                f"DeltaWarmup resumed with warmup_fraction={self.warmup_fraction}, start_delta={self.start_delta} "
+                f"from a checkpoint made with warmup_fraction={saved[0]}, start_delta={saved[1]}: the warm-up is "
+                "placed anew from the new values and this run's training length."
+            )
+            return
+        self._restored_warmup_steps = float(state_dict["warmup_steps"])

@@ -248,7 +248,14 @@ class LossAccuracyCorrelation(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._history = [dict(record) for record in state_dict["history"]]
+        # What the uninterrupted run holds at this point, also when no validation run follows
+        # the resume (on_train_end reports them).
         self._correlations = {}
+        if len(self._history) >= self.min_points:
+            self._correlations = {
+                name: float("nan") if value is None else float(value)
+                for name, value in self._compute(torch.device("cpu")).items()
+            }
 
     # -- internals --------------------------------------------------------------------------
     def _label(self, role: str) -> str:

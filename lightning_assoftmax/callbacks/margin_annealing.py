@@ -2,6 +2,7 @@ r"""``MarginAnnealing``: the annealing of L-Softmax's and SphereFace's weight :m
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,10 +26,13 @@ class MarginAnnealing(Callback):
     the schedule of the SphereFace authors' released training (``base`` :math:`\lambda_0 = 1000`,
     ``gamma`` :math:`\gamma = 0.12`, ``power`` :math:`p = 1`, floor 5), where the floor
     :math:`\lambda^*` is the ``lam`` the loss was configured with (``loss_kwargs={"lam": 5}`` for
-    that schedule; the default 0 anneals towards the loss as written). Validation and test use
-    :math:`\lambda^*`, so that their losses stay comparable across epochs. Logs
-    ``train/margin_lambda``. The step count is ``trainer.global_step``, so a resumed run continues
-    the schedule where it stopped.
+    that schedule; the default 0 anneals towards the loss as written), read from the module's
+    ``loss_kwargs`` (or the loss's default), never from the loss's current ``lam``. Validation and
+    test use :math:`\lambda^*`, so that their losses stay comparable across epochs. The loss gets
+    :math:`\lambda^*` back when training ends, also when it ends with an exception (an
+    out-of-memory error caught in a notebook, an interrupt): a later fit starts the same schedule
+    as a fresh one. Logs ``train/margin_lambda``. The step count is ``trainer.global_step``, so a
+    resumed run continues the schedule where it stopped.
 
     With :math:`\gamma = 0.12` the weight reaches 100 after 75 steps, 10 after 825 and 5 after
     about 1660: lower ``base`` or raise ``gamma`` for short runs.
@@ -59,7 +63,7 @@ class MarginAnnealing(Callback):
                 f"{type(pl_module).__name__} trains with loss={loss!r}, which has none. Remove the "
                 "callback for this run or use loss='l_softmax' / 'sphereface'."
             )
-        self._target = float(criterion.lam)
+        self._target = _configured_lam(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         lam = self.lam_at(trainer.global_step, self._target)
@@ -79,3 +83,15 @@ class MarginAnnealing(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._restore(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._restore(pl_module)
+
+
+def _configured_lam(pl_module: Any) -> float:
+    """The floor: ``lam`` in the module's ``loss_kwargs``, else the loss's default; never the loss's
+    current ``lam``, which an earlier fit stopped by an exception may have left annealed."""
+    kwargs = getattr(pl_module, "as_softmax_loss_kwargs", None) or {}
+    if "lam" in kwargs:
+        return float(kwargs["lam"])
+    return float(inspect.signature(type(pl_module.as_softmax_criterion)).parameters["lam"].default)

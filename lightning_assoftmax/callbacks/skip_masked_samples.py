@@ -90,7 +90,9 @@ class SkipMaskedSamples(Callback):
 
     Checkpoints hold the per-sample state, the epoch's live set and order and the flags collected
     so far, so a resumed fit continues as an uninterrupted one, also from a checkpoint taken in
-    the middle of an epoch (the rest of that epoch's batches follow). Later epochs are identical
+    the middle of an epoch (the rest of that epoch's batches follow) or after an epoch's last batch
+    (Lightning then starts the next epoch without ``on_train_epoch_start``; the callback gives it
+    its own length and live samples when training starts). Later epochs are identical
     when their order is reproducible (under DDP, ``shuffle=False``, or a ``DistributedSampler``);
     a one-device ``shuffle=True`` order comes from torch's global random state, which Lightning
     does not checkpoint.
@@ -206,10 +208,39 @@ class SkipMaskedSamples(Callback):
             pl_module.as_softmax_last_masked_samples = None
 
     # -- the loop ---------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A checkpoint saved after an epoch's last batch but before its epoch-end hooks (e.g.
+        # ModelCheckpoint(every_n_train_steps=...)) resumes into the next epoch without
+        # on_train_epoch_start, with the loader iterator and length Lightning made (in
+        # setup_data) for the epoch that was finished. Make the iterator again for the next
+        # epoch (a worker process may already have drawn the old indices) with that epoch's
+        # length. The loop's own count (trainer.num_training_batches) must stay the finished
+        # epoch's until the epoch loop has compared its restored batch count with it (which
+        # starts the new epoch at batch 0): it is set at the first batch.
+        loop = trainer.fit_loop
+        if self._epoch is None or loop._combined_loader is None or loop._data_fetcher is None:
+            return
+        # Lightning's own test for this case (its fit loop has already moved to the next epoch);
+        # the epoch comparison covers versions without these properties.
+        epoch_loop = loop.epoch_loop
+        finished = (
+            getattr(loop, "restarted_mid_epoch", False)
+            and getattr(epoch_loop, "restarted_on_train_batch_end", False)
+            and epoch_loop.batch_progress.is_last_batch
+        )
+        if not finished and self._current_epoch(trainer) == self._epoch:
+            return
+        loop._combined_loader.limits = [self._epoch_length(trainer)]
+        iter(loop._data_fetcher)
+        self._length_pending = True
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_epoch_length(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._length_pending:
+            self._length_pending = False
+            self._set_epoch_length(trainer)
         if hasattr(pl_module, "as_softmax_last_masked_samples"):
             pl_module.as_softmax_last_masked_samples = None
 
@@ -504,13 +535,17 @@ class SkipMaskedSamples(Callback):
             return batches
         return max(1, int(batches * limit))
 
+    def _epoch_length(self, trainer: pl.Trainer) -> int:
+        """Batches of the current epoch on this process, after ``limit_train_batches``."""
+        return self._limit(trainer, self._batches_for(self._sampler_length()))
+
     def _set_epoch_length(self, trainer: pl.Trainer) -> None:
         """Tell the fit loop how many batches the current epoch has (Lightning reads it once per loader)."""
         loop = trainer.fit_loop
         combined = loop._combined_loader
         if combined is None:
             return
-        batches = self._limit(trainer, self._batches_for(self._sampler_length()))
+        batches = self._epoch_length(trainer)
         combined.limits = [batches]
         loop.max_batches = batches
         interval = trainer.val_check_interval
@@ -600,6 +635,7 @@ class SkipMaskedSamples(Callback):
         self._stream: Tensor | None = None
         self._batches_done = 0
         self._resume_batches = 0
+        self._length_pending = False
         self._pending: list[tuple[Tensor, Tensor]] = []
         self._history: list[dict[str, Any]] = []
 
