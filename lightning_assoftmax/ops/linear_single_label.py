@@ -91,54 +91,40 @@ def _chunks(
     Autocast is off inside: the inputs already carry the dtype the products run in
     (:func:`autocast_linear_inputs`), and the gradient buffers must keep theirs."""
     with torch.autocast(x.device.type, enabled=False):
-        return _chunks_in_dtype(x, weight, bias, target, delta, ignore_index, chunk_rows, row_scale, needs)
-
-
-def _chunks_in_dtype(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor,
-    delta: float,
-    ignore_index: int,
-    chunk_rows: int,
-    row_scale: Tensor | None,
-    needs: tuple[bool, bool, bool],
-) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-    rows = x.shape[0]
-    need_grad = row_scale is not None and any(needs)
-    loss = torch.empty(rows, dtype=_loss_dtype(x.dtype), device=x.device)
-    masked = torch.empty(rows, dtype=torch.bool, device=x.device)
-    grad_x = torch.empty_like(x) if need_grad and needs[0] else None
-    grad_w = torch.zeros_like(weight) if need_grad and needs[1] else None
-    grad_b = None
-    if need_grad and needs[2] and bias is not None:
-        grad_b = torch.zeros(bias.shape, dtype=loss.dtype, device=bias.device)
-    for start in range(0, rows, chunk_rows):
-        stop = min(start + chunk_rows, rows)
-        x_chunk = x[start:stop]
-        # One product with the bias, rounded once, as F.linear.
-        logits = x_chunk @ weight.t() if bias is None else torch.addmm(bias, x_chunk, weight.t())
-        scale = None
-        if need_grad:
-            scale = row_scale if row_scale.dim() == 0 else row_scale[start:stop]
-        chunk_loss, grad, chunk_masked = forward_rows_implementation(logits)(
-            logits, target[start:stop], delta, ignore_index, need_grad, grad_scale=scale
-        )
-        del logits
-        loss[start:stop] = chunk_loss
-        masked[start:stop] = chunk_masked
-        if not need_grad:
-            continue
-        if grad_x is not None:
-            torch.mm(grad, weight, out=grad_x[start:stop])
-        if grad_w is not None:
-            grad_w.addmm_(grad.t(), x_chunk)
+        rows = x.shape[0]
+        need_grad = row_scale is not None and any(needs)
+        loss = torch.empty(rows, dtype=_loss_dtype(x.dtype), device=x.device)
+        masked = torch.empty(rows, dtype=torch.bool, device=x.device)
+        grad_x = torch.empty_like(x) if need_grad and needs[0] else None
+        grad_w = torch.zeros_like(weight) if need_grad and needs[1] else None
+        grad_b = None
+        if need_grad and needs[2] and bias is not None:
+            grad_b = torch.zeros(bias.shape, dtype=loss.dtype, device=bias.device)
+        for start in range(0, rows, chunk_rows):
+            stop = min(start + chunk_rows, rows)
+            x_chunk = x[start:stop]
+            # One product with the bias, rounded once, as F.linear.
+            logits = x_chunk @ weight.t() if bias is None else torch.addmm(bias, x_chunk, weight.t())
+            scale = None
+            if need_grad:
+                scale = row_scale if row_scale.dim() == 0 else row_scale[start:stop]
+            chunk_loss, grad, chunk_masked = forward_rows_implementation(logits)(
+                logits, target[start:stop], delta, ignore_index, need_grad, grad_scale=scale
+            )
+            del logits
+            loss[start:stop] = chunk_loss
+            masked[start:stop] = chunk_masked
+            if not need_grad:
+                continue
+            if grad_x is not None:
+                torch.mm(grad, weight, out=grad_x[start:stop])
+            if grad_w is not None:
+                grad_w.addmm_(grad.t(), x_chunk)
+            if grad_b is not None:
+                grad_b += grad.sum(0, dtype=grad_b.dtype)
         if grad_b is not None:
-            grad_b += grad.sum(0, dtype=grad_b.dtype)
-    if grad_b is not None:
-        grad_b = grad_b.to(bias.dtype)
-    return loss, masked, [grad_x, grad_w, grad_b]
+            grad_b = grad_b.to(bias.dtype)
+        return loss, masked, [grad_x, grad_w, grad_b]
 
 
 class _LinearASSoftmax(torch.autograd.Function):
