@@ -229,3 +229,18 @@ def test_a_schedule_needs_a_finite_training_length():
     trainer = L.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"needs a finite training length.*max_epochs"):
         trainer.fit(model, loader)
+
+
+@pytest.mark.parametrize("model_class", [ImageClassifier, TextClassifier, TokenClassifier])
+def test_every_model_documents_the_schedule_arguments_for_the_cli_help(model_class):
+    # jsonargparse builds the CLI's --help from the docstring's Args section with docstring_parser.
+    docstring_parser = pytest.importorskip("docstring_parser")
+    params = {p.arg_name: p.description for p in docstring_parser.parse(model_class.__doc__).params}
+    assert "{lr_schedule_args}" not in model_class.__doc__
+    assert params["lr_schedule"].startswith('``"constant"`` (default) or ``"linear"``')
+    assert "decay it linearly to 0 at the end of training" in params["lr_schedule"]
+    assert params["warmup_fraction"] == (
+        "share of training over which the learning rate rises linearly from 0\nto ``lr`` (in [0, 1); 0: no warm-up)."
+    )
+    # the entries after the shared ones are still parsed as arguments of their own
+    assert "further :class:`ASSoftmaxMixin` options" in params["**as_softmax_options"]

@@ -4,6 +4,8 @@ output layer."""
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ from lightning_assoftmax.heads import (
 
 __all__ = [
     "LR_SCHEDULES",
+    "LR_SCHEDULE_ARGS",
     "TrainingProgressLR",
     "adamw",
     "check_class_names",
@@ -33,10 +36,40 @@ __all__ = [
     "optimizers_with_schedule",
     "output_head",
     "training_progress",
+    "with_lr_schedule_args",
 ]
 
 #: Learning-rate schedules of the ready-made models (``lr_schedule=``).
 LR_SCHEDULES = ("constant", "linear")
+
+#: The ``Args`` entries of ``lr_schedule`` and ``warmup_fraction``, which every ready-made model
+#: takes; :func:`with_lr_schedule_args` puts them in its docstring.
+LR_SCHEDULE_ARGS = """\
+lr_schedule: ``"constant"`` (default) or ``"linear"``: after the warm-up, keep the
+    learning rate or decay it linearly to 0 at the end of training. Placed by the share of
+    training done (epochs and batches of ``max_epochs``, or steps of ``max_steps``), so
+    the decay ends at the last batch also when ``AdaptiveGradAccumulation`` takes fewer
+    optimizer steps than planned or ``SkipMaskedSamples`` shortens epochs (see
+    :func:`~lightning_assoftmax.models._common.training_progress`).
+warmup_fraction: share of training over which the learning rate rises linearly from 0
+    to ``lr`` (in [0, 1); 0: no warm-up).
+"""
+
+_LR_SCHEDULE_PLACEHOLDER = re.compile(r"^( *)\{lr_schedule_args\}\n", re.MULTILINE)
+
+
+def with_lr_schedule_args(cls: type) -> type:
+    """Class decorator: the docstring's line ``{lr_schedule_args}`` replaced by
+    :data:`LR_SCHEDULE_ARGS`, indented as that line (the CLI's help reads them from there)."""
+    doc = cls.__doc__
+    if doc is None:  # python -OO strips docstrings
+        return cls
+    if not _LR_SCHEDULE_PLACEHOLDER.search(doc):
+        raise TypeError(f"{cls.__name__}: its docstring has no line '{{lr_schedule_args}}' to fill.")
+    cls.__doc__ = _LR_SCHEDULE_PLACEHOLDER.sub(
+        lambda match: textwrap.indent(LR_SCHEDULE_ARGS, match.group(1)), doc, count=1
+    )
+    return cls
 
 
 def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

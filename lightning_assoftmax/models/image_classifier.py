@@ -17,11 +17,13 @@ from lightning_assoftmax.models._common import (
     check_class_names,
     check_lr_schedule,
     optimizers_with_schedule,
+    with_lr_schedule_args,
 )
 
 __all__ = ["ImageClassifier"]
 
 
+@with_lr_schedule_args
 class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
     """Three 3x3 convolutions (the second followed by 2x2 max pooling), global average pooling, a
     linear layer. Works for any image size >= 2x2.
@@ -40,14 +42,7 @@ class ImageClassifier(ASSoftmaxMixin, L.LightningModule):
         delta: the AS-Softmax margin in [0, 1].
         class_names: the label of each class, in output order (the CLI copies the datamodule's
             ``class_names``), so that a checkpoint names its predictions.
-        lr_schedule: ``"constant"`` (default) or ``"linear"``: after the warm-up, keep the
-            learning rate or decay it linearly to 0 at the end of training. Placed by the share of
-            training done (epochs and batches of ``max_epochs``, or steps of ``max_steps``), so
-            the decay ends at the last batch also when ``AdaptiveGradAccumulation`` takes fewer
-            optimizer steps than planned or ``SkipMaskedSamples`` shortens epochs (see
-            :func:`~lightning_assoftmax.models._common.training_progress`).
-        warmup_fraction: share of training over which the learning rate rises linearly from 0
-            to ``lr`` (in [0, 1); 0: no warm-up).
+        {lr_schedule_args}
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
             ``multilabel``, ``ignore_index``.
     """

@@ -20,6 +20,7 @@ from lightning_assoftmax.models._common import (
     keep_class_counts_if_used,
     optimizers_with_schedule,
     output_head,
+    with_lr_schedule_args,
 )
 
 __all__ = ["TextClassifier"]
@@ -27,6 +28,7 @@ __all__ = ["TextClassifier"]
 _LINK_HINT = "The CLI takes it from the datamodule's attribute of the same name."
 
 
+@with_lr_schedule_args
 class TextClassifier(ASSoftmaxMixin, L.LightningModule):
     """Classifies token-id sequences with the AS-Softmax loss; single- or multi-label.
 
@@ -74,14 +76,7 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
             takes it from the datamodule. Kept in the hyperparameters only when the head uses it.
         class_names: the label of each class, in output order (the CLI copies the datamodule's
             ``class_names``), so that a checkpoint names its predictions.
-        lr_schedule: ``"constant"`` (default) or ``"linear"``: after the warm-up, keep the
-            learning rate or decay it linearly to 0 at the end of training. Placed by the share of
-            training done (epochs and batches of ``max_epochs``, or steps of ``max_steps``), so
-            the decay ends at the last batch also when ``AdaptiveGradAccumulation`` takes fewer
-            optimizer steps than planned or ``SkipMaskedSamples`` shortens epochs (see
-            :func:`~lightning_assoftmax.models._common.training_progress`).
-        warmup_fraction: share of training over which the learning rate rises linearly from 0
-            to ``lr`` (in [0, 1); 0: no warm-up).
+        {lr_schedule_args}
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss`` (another member
             of the softmax family, e.g. ``"softmax"`` for the plain baseline), ``loss_kwargs``,
             ``ignore_index``.
@@ -120,7 +115,6 @@ class TextClassifier(ASSoftmaxMixin, L.LightningModule):
             raise ValueError(
                 f"{owner}: head={head!r} is a single-label output layer; use head=None with multilabel=True."
             )
-        check_positive_int(num_classes, f"{owner}: num_classes", _LINK_HINT)
         check_real(dropout, f"{owner}: dropout", low=0.0, high=1.0, low_inclusive=True)
         if pooling not in ("mean", "first"):
             raise ValueError(f"{owner}: pooling must be 'mean' or 'first', got {pooling!r}.")

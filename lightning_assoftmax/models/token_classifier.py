@@ -19,6 +19,7 @@ from lightning_assoftmax.models._common import (
     keep_class_counts_if_used,
     optimizers_with_schedule,
     output_head,
+    with_lr_schedule_args,
 )
 
 __all__ = ["TokenClassifier"]
@@ -26,6 +27,7 @@ __all__ = ["TokenClassifier"]
 _LINK_HINT = "The CLI takes it from the datamodule's attribute of the same name."
 
 
+@with_lr_schedule_args
 class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
     """Token embeddings, a GRU, and a linear layer over ``num_classes`` at every position.
 
@@ -66,14 +68,7 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
             takes it from the datamodule. Kept in the hyperparameters only when the head uses it.
         class_names: the label of each class, in output order (e.g. the tags of a tagging task),
             so that a checkpoint names its predictions; None for token ids.
-        lr_schedule: ``"constant"`` (default) or ``"linear"``: after the warm-up, keep the
-            learning rate or decay it linearly to 0 at the end of training. Placed by the share of
-            training done (epochs and batches of ``max_epochs``, or steps of ``max_steps``), so
-            the decay ends at the last batch also when ``AdaptiveGradAccumulation`` takes fewer
-            optimizer steps than planned or ``SkipMaskedSamples`` shortens epochs (see
-            :func:`~lightning_assoftmax.models._common.training_progress`).
-        warmup_fraction: share of training over which the learning rate rises linearly from 0
-            to ``lr`` (in [0, 1); 0: no warm-up).
+        {lr_schedule_args}
         **as_softmax_options: further :class:`ASSoftmaxMixin` options: ``loss``, ``loss_kwargs``,
             ``ignore_index``.
     """
@@ -106,7 +101,6 @@ class TokenClassifier(ASSoftmaxMixin, L.LightningModule):
         self.class_names = check_class_names(owner, class_names, num_classes)
         if self.as_softmax_multilabel:
             raise ValueError(f"{owner}: multi-label targets are not supported per token; use multilabel=False.")
-        check_positive_int(num_classes, f"{owner}: num_classes", _LINK_HINT)
         check_positive_int(vocab_size, f"{owner}: vocab_size", _LINK_HINT)
         for name, value in (("embed_dim", embed_dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
             check_positive_int(value, f"{owner}: {name}")
