@@ -101,6 +101,18 @@ def reference_multilabel_masked(logits: torch.Tensor, target: torch.Tensor, delt
     return torch.tensor(out, dtype=torch.bool)
 
 
+#: Settings under which each large-margin loss differs clearly from plain softmax on a few classes.
+MARGIN_KWARGS = {
+    "am_softmax": {"scale": 8.0, "margin": 0.3},
+    "cosface": {"scale": 8.0, "margin": 0.3},
+    "normface": {"scale": 8.0},
+    "arcface": {"scale": 8.0, "margin": 0.5},
+    "l_softmax": {"margin": 3, "lam": 0.5},
+    "sphereface": {"margin": 4, "lam": 0.0},
+    "l2_softmax": {"alpha": 4.0},
+}
+
+
 def reference_margin_logits(name: str, features: torch.Tensor, weight: torch.Tensor,
                             bias: torch.Tensor | None, target: torch.Tensor, **kw) -> torch.Tensor:
     """The logits a large-margin loss takes cross entropy of, from the papers' formulas (rows

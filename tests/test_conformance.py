@@ -52,6 +52,7 @@ from lightning_assoftmax.functional import (
 )
 from lightning_assoftmax.heads import build_head
 from tests.reference import (
+    MARGIN_KWARGS,
     reference_as_softmax,
     reference_keep_mask,
     reference_margin_logits,
@@ -521,15 +522,6 @@ FAMILY_KWARGS = {
     "entmax15": {},
     "label_smoothing": {"smoothing": 0.1},
     "weighted_softmax": {"weight": [0.5, 1.0, 2.0, 1.5, 0.7, 1.2, 0.9]},
-}
-MARGIN_KWARGS = {
-    "am_softmax": {"scale": 8.0, "margin": 0.3},
-    "cosface": {"scale": 8.0, "margin": 0.3},
-    "normface": {"scale": 8.0},
-    "arcface": {"scale": 8.0, "margin": 0.5},
-    "l_softmax": {"margin": 3, "lam": 0.5},
-    "sphereface": {"margin": 4, "lam": 0.0},
-    "l2_softmax": {"alpha": 4.0},
 }
 HEAD_BUILDERS = {
     "dense": lambda: build_head("dense", D, C),

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import XYSteps
-from reference import reference_as_softmax
+from reference import MARGIN_KWARGS, reference_as_softmax, reference_margin_logits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -48,16 +48,7 @@ DIM = 6
 NEW_NAMES = ("l_softmax", "sphereface", "l2_softmax", "normface", "cosface", "arcface", "weighted_softmax")
 MARGIN_NAMES = ("am_softmax", *NEW_NAMES)
 # Settings that make each loss differ from plain softmax on 5 classes.
-KWARGS = {
-    "am_softmax": {"scale": 8.0, "margin": 0.3},
-    "cosface": {"scale": 8.0, "margin": 0.3},
-    "normface": {"scale": 8.0},
-    "arcface": {"scale": 8.0, "margin": 0.5},
-    "l_softmax": {"margin": 3, "lam": 0.5},
-    "sphereface": {"margin": 4, "lam": 0.0},
-    "l2_softmax": {"alpha": 4.0},
-    "weighted_softmax": {"weight": [1.0, 0.5, 2.0, 3.0, 0.25]},
-}
+KWARGS = {**MARGIN_KWARGS, "weighted_softmax": {"weight": [1.0, 0.5, 2.0, 3.0, 0.25]}}
 
 
 # -- inputs: features through the loss's own head -------------------------------------------------
@@ -82,37 +73,10 @@ def loss_of(name: str, features, head, target, **kwargs):
 # -- independent margin logits (acos / cos arithmetic on the non-ignored rows) ----------------------
 def ref_margin_logits(name: str, features: torch.Tensor, head: nn.Module, target: torch.Tensor) -> torch.Tensor:
     """The logits each loss takes cross entropy of, written from the papers' formulas."""
-    kw = KWARGS[name]
-    x, t = features, target
-    rows = torch.arange(len(t))
-    if name in ("am_softmax", "cosface", "normface", "arcface"):
-        cosine = F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).T
-        out = cosine.clone()
-        if name in ("am_softmax", "cosface"):
-            out[rows, t] = cosine[rows, t] - kw["margin"]
-        elif name == "arcface":
-            theta = torch.acos(cosine[rows, t])
-            m = kw["margin"]
-            out[rows, t] = torch.where(
-                theta + m <= math.pi, torch.cos(theta + m), cosine[rows, t] - m * math.sin(m)
-            )
-        return kw["scale"] * out
-    if name in ("l_softmax", "sphereface"):
-        weight = head.weight if name == "l_softmax" else F.normalize(head.weight, dim=1)
-        logits = x @ weight.T
-        magnitude = x.norm(dim=1) * weight[t].norm(dim=1)
-        theta = torch.acos(logits[rows, t] / magnitude)
-        m, lam = kw["margin"], kw["lam"]
-        k = torch.floor(theta.detach() * m / math.pi)
-        psi = (-1.0) ** k * torch.cos(m * theta) - 2 * k
-        out = logits.clone()
-        out[rows, t] = (lam * logits[rows, t] + magnitude * psi) / (1 + lam)
-        return out
-    if name == "l2_softmax":
-        return kw["alpha"] * (F.normalize(x, dim=1) @ head.weight.T + head.bias)
     if name == "weighted_softmax":
-        return x @ head.weight.T + head.bias
-    raise AssertionError(name)
+        return features @ head.weight.T + head.bias
+    bias = getattr(head, "bias", None)
+    return reference_margin_logits(name, features, head.weight, bias, target, **KWARGS[name])
 
 
 def ref_rows(name: str, features, head, target, delta: float | None = None) -> torch.Tensor:
