@@ -39,18 +39,7 @@ CONFIGS = {
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, tmp_path_factory, monkeypatch):
-    """Runs write under tmp_path; token ids are cached once per test session; one thread (the
-    tiny models gain nothing from more, and the test machine may be shared)."""
-    monkeypatch.chdir(tmp_path)
-    # The CLI gets its arguments from the test, not from pytest's own command line.
-    monkeypatch.setattr(sys, "argv", ["lightning-assoftmax"])
-    monkeypatch.setenv("LIGHTNING_ASSOFTMAX_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cli_isolated")
 
 
 def _print_config(args: list[str], capsys) -> dict:

@@ -8,7 +8,6 @@ import inspect
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -36,15 +35,7 @@ TOPICS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, tmp_path_factory, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-assoftmax"])
-    monkeypatch.setenv("LIGHTNING_ASSOFTMAX_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cli_isolated")
 
 
 def _write_csv(path: Path, rows: int, labels: bool = True) -> list[str]:

@@ -9,14 +9,12 @@ Configs in ```yaml blocks that look like ``lightning-assoftmax`` configs are par
 from __future__ import annotations
 
 import re
-import sys
 import textwrap
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,23 +91,11 @@ def _page_params():
     return params
 
 
-@pytest.fixture
-def in_temporary_directory(tmp_path, tmp_path_factory, monkeypatch):
-    """Examples write under tmp_path; token ids are cached once per session; one torch thread."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-assoftmax"])
-    monkeypatch.setenv("LIGHTNING_ASSOFTMAX_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
-
-
 # -- the examples run ------------------------------------------------------------------------------
 # The resume example resumes into a fresh checkpoint directory, as distributed.md advises.
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 @pytest.mark.parametrize("page", _page_params())
-def test_python_examples_run(page, in_temporary_directory):
+def test_python_examples_run(page, cli_isolated):
     name = _relative(page)
     namespace: dict = {"__name__": "__docs__"}
     for block in fenced_blocks(page):
@@ -222,10 +208,10 @@ def _config_blocks():
 
 
 @pytest.mark.parametrize("config", _config_blocks())
-def test_config_examples_parse(config, in_temporary_directory, capsys):
+def test_config_examples_parse(config, cli_isolated, capsys):
     from lightning_assoftmax.cli import ASSoftmaxCLI
 
-    path = in_temporary_directory / "config.yaml"
+    path = cli_isolated / "config.yaml"
     path.write_text(config, encoding="utf-8")
     with pytest.raises(SystemExit) as exit_info:
         ASSoftmaxCLI(args=["fit", "--config", str(path), "--print_config"])

@@ -5,7 +5,6 @@ taken from the datamodule."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -26,15 +25,6 @@ HEAD_KWARGS = {
     "sampled": {"num_samples": 12},
     "nce": {"num_samples": 12},
 }
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from more threads (and the test machine may be shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def token_batches(seed: int, n: int = 24, length: int = 10) -> list[dict[str, torch.Tensor]]:
@@ -233,19 +223,8 @@ def test_text_classifier_takes_a_head():
 
 
 # -- the CLI --------------------------------------------------------------------------------------------
-@pytest.fixture
-def _cli_isolated(tmp_path, tmp_path_factory, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-assoftmax"])
-    monkeypatch.setenv("LIGHTNING_ASSOFTMAX_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("_cli_isolated")
+@pytest.mark.usefixtures("cli_isolated")
 def test_cli_head_option_takes_class_counts_from_the_training_split():
     from lightning_assoftmax.cli import ASSoftmaxCLI
 

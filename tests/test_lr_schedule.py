@@ -16,12 +16,7 @@ transformers = pytest.importorskip("transformers")
 BASE_LR = 0.01
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LRRecorder(L.Callback):

@@ -3,11 +3,9 @@ settings of the authors' recipe, and a few batches of fit and test through the C
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lightning_assoftmax import AdaptiveGradAccumulation
@@ -21,15 +19,7 @@ PROTOCOLS = {"paper_protocol_clinc150.yaml": "CLINC150", "paper_protocol_banking
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, tmp_path_factory, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-assoftmax"])
-    monkeypatch.setenv("LIGHTNING_ASSOFTMAX_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cli_isolated")
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))

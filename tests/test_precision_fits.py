@@ -31,13 +31,7 @@ VOCAB, CLASSES, LENGTH = 60, 5, 12
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # the bundled offline copy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from more threads (and the test machine may be shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- tiny data: learnable, so the losses and masked ratios move -----------------------------------

@@ -42,18 +42,11 @@ N_TRAIN, N_VAL = 104, 48
 # pending (it waits for batch 6, a multiple of both), so the resume has to carry it over.
 CHECKPOINT_STEP = 15
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
     pytest.mark.filterwarnings("ignore:The dirpath has changed"),
     pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cluster_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

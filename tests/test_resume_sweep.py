@@ -56,20 +56,13 @@ N_FEATURES, N_CLASSES = 8, 4
 # 28 samples in batches of 4: 7 batches per full epoch; windows of 2 and 3 leave a short last one.
 N_TRAIN, N_VAL, BATCH, EPOCHS = 28, 16, 4, 5
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
     pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended"),
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers"),
     pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cluster_data(n: int, seed: int) -> TensorDataset:
