@@ -8,8 +8,9 @@ always is). With the kept mass :math:`K = \sum_{i\ \mathrm{kept}} p_i`,
           \frac{\partial \ell}{\partial z_i} = [i\ \mathrm{kept}]\,\frac{p_i}{K} - [i = t].
 
 One softmax per row thus gives the decision, the loss and the gradient. A row whose only kept
-class is the target has :math:`K = p_t` bit for bit, so its loss is exactly 0; its gradient is
-then set to exactly 0 too (a *masked sample*).
+class is the target is a *masked sample* (the paper's definition, decided by the keep rule, never
+by the loss value): its loss and gradient are exactly 0. At ``delta = 1`` every class is kept and
+no row is masked, even one whose float32 loss rounds to 0.
 
 :func:`as_softmax_forward_rows` is the one implementation of this math (plain torch, any
 device). The custom op ``lightning_assoftmax::as_softmax_rows`` wraps it with a fake
@@ -119,43 +120,54 @@ def as_softmax_forward_rows(
     Returns:
         ``loss`` ``(M,)`` in float32 (float64 for float64 logits); ``grad`` ``(M, C)`` in the
         logits' dtype, the derivative of each row's loss with respect to its logits; ``masked``
-        ``(M,)`` bool, the rows not ignored whose loss is exactly 0. A row with a NaN or +inf
-        logit has a NaN loss and is never masked.
+        ``(M,)`` bool, the rows not ignored that keep only their target (their loss and gradient
+        are exactly 0). A row with a NaN or +inf logit has a NaN loss and is never masked.
     """
     cdtype = compute_dtype(logits.dtype)
+    on_cpu = logits.device.type == "cpu"
     valid_rows = target != ignore_index
     safe_target = torch.where(valid_rows, target, 0).unsqueeze(1).long()
-    # log_softmax, then exp in place: log p_t stays exact where p_t underflows.
+    # Each full (M, C) pass below is a kernel launch (and, on CPU, a parallel region whose
+    # threads must all arrive): few passes, all in place in the one buffer that becomes the
+    # gradient, plus one 0/1 float mask (a float comparison output is vectorised on CPU; a
+    # boolean mask, torch.where and masked_fill cost several times more there).
     if class_major(logits):
         # Class by class in memory (see class_major); the buffers below inherit the layout.
-        log_p = torch.log_softmax(logits.t(), 0, dtype=cdtype).t()
+        p = torch.softmax(logits.t(), 0, dtype=cdtype).t()
     else:
-        log_p = torch.log_softmax(logits, 1, dtype=cdtype)
-    log_p_target = log_p.gather(1, safe_target)
-    p = log_p.exp_()
+        p = torch.softmax(logits, 1, dtype=cdtype)
     p_target = p.gather(1, safe_target)
-    # kept = p where p >= p_t - delta, else 0, by a 0/1 float mask (vectorised; a boolean mask or
-    # torch.where costs several times more on CPU). NaN entries become 0, so an ignored row
-    # holding NaN stays harmless; a valid NaN row still gets a NaN loss through p_t.
+    # NaN probabilities (a row with a NaN or +inf logit) compare False: kept by no class, so
+    # such a row never counts as masked; its loss is NaN through p_t.
     keep = torch.ge(p, as_softmax_keep_threshold(p_target, delta), out=torch.empty_like(p))
-    kept = p.mul_(keep).nan_to_num_(nan=0.0)
+    # The paper's masked sample: only the target kept (the authors count rows with C - 1
+    # logits at -inf), never "the loss rounds to 0": at delta = 1 nothing is masked.
+    masked = (keep.sum(1) == 1).logical_and_(valid_rows)
+    kept = p.mul_(keep)
+    del keep
     kept_mass = kept.sum(1, keepdim=True)
-    # log(K / p_t) is exactly 0 when only the target is kept (K == p_t); where p_t underflowed,
-    # log p_t comes from the log-softmax instead.
-    row_loss = torch.where(
-        p_target >= underflow_limit(cdtype),
-        kept_mass.div(p_target).log_(),
-        kept_mass.log().sub_(log_p_target),
-    )
-    loss = torch.where(valid_rows, row_loss.squeeze(1), 0.0)
-    masked = (loss == 0).logical_and_(valid_rows)
+    if not on_cpu or bool(kept_mass.isnan().any()):
+        # NaN * 0 stays NaN: clear it, so that ignored rows holding NaN get a zero gradient. On
+        # CPU only the rare batch with a NaN pays this pass (a CPU tensor has no device to
+        # synchronise with).
+        kept.nan_to_num_(nan=0.0)
+    # log(K / p_t) is exactly 0 when only the target is kept; where p_t underflowed, log p_t
+    # comes from the logits (z_t - logsumexp z) instead.
+    low = p_target < underflow_limit(cdtype)
+    if not on_cpu or bool(low.any()):
+        z_target = logits.gather(1, safe_target).to(cdtype)
+        log_p_target = z_target - torch.logsumexp(logits.to(cdtype), 1, keepdim=True)
+        row_loss = torch.where(low, kept_mass.log() - log_p_target, kept_mass.div(p_target).log_())
+    else:
+        row_loss = kept_mass.div(p_target).log_()
+    active = valid_rows.logical_and(masked.logical_not())
+    loss = torch.where(active, row_loss.squeeze(1), 0.0)
     if not need_grad:
         return loss, logits.new_empty(0), masked
-    # d loss / dz = kept p / K - onehot(t). A row with loss exactly 0 (masked or ignored) gets
-    # gradient exactly 0, not round-off.
-    nonzero = (loss != 0).unsqueeze(1)
-    inv_mass = torch.where(nonzero, kept_mass.reciprocal_(), 0.0)
-    one_hot = nonzero.to(cdtype)
+    # d loss / dz = kept p / K - onehot(t); masked and ignored rows get exactly 0.
+    active = active.unsqueeze(1)
+    inv_mass = torch.where(active, kept_mass.reciprocal_(), 0.0)
+    one_hot = active.to(cdtype)
     if grad_scale is not None:
         factor = (grad_scale if grad_scale.dim() == 0 else grad_scale.unsqueeze(1)).to(cdtype)
         inv_mass, one_hot = inv_mass * factor, one_hot * factor
