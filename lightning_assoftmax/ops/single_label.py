@@ -139,27 +139,38 @@ def as_softmax_forward_rows(
     p_target = p.gather(1, safe_target)
     # NaN probabilities (a row with a NaN or +inf logit) compare False: kept by no class, so
     # such a row never counts as masked; its loss is NaN through p_t.
-    keep = torch.ge(p, as_softmax_keep_threshold(p_target, delta), out=torch.empty_like(p))
+    threshold = as_softmax_keep_threshold(p_target, delta)
+    keep = torch.ge(p, threshold, out=torch.empty_like(p))
     # The paper's masked sample: only the target kept (the authors count rows with C - 1
     # logits at -inf), never "the loss rounds to 0": at delta = 1 nothing is masked.
-    masked = (keep.sum(1) == 1).logical_and_(valid_rows)
+    exact_count = _needs_kept_count(delta, p.shape[1], cdtype)
+    if exact_count:
+        masked = (keep.sum(1) == 1).logical_and_(valid_rows)
     kept = p.mul_(keep)
     del keep
     kept_mass = kept.sum(1, keepdim=True)
+    if not exact_count:
+        # Only the target kept <=> K == p_t bit for bit, where every other kept class adds at
+        # least the cut-off: above 2 eps no rounding absorbs it (see _needs_kept_count).
+        tolerance = 2 * torch.finfo(cdtype).eps
+        masked = (kept_mass == p_target).logical_and_(threshold > tolerance).squeeze(1)
+        masked.logical_and_(valid_rows)
     if not on_cpu or bool(kept_mass.isnan().any()):
         # NaN * 0 stays NaN: clear it, so that ignored rows holding NaN get a zero gradient. On
         # CPU only the rare batch with a NaN pays this pass (a CPU tensor has no device to
         # synchronise with).
         kept.nan_to_num_(nan=0.0)
     # log(K / p_t) is exactly 0 when only the target is kept; where p_t underflowed, log p_t
-    # comes from the logits (z_t - logsumexp z) instead.
+    # comes from the logits (z_t - logsumexp z) instead. xlogy(1, x) is log(x) without the
+    # parallel region that torch.log opens on CPU from 2048 elements on: one per loss call
+    # costs a thread rendezvous, several milliseconds on a loaded machine.
     low = p_target < underflow_limit(cdtype)
     if not on_cpu or bool(low.any()):
         z_target = logits.gather(1, safe_target).to(cdtype)
         log_p_target = z_target - torch.logsumexp(logits.to(cdtype), 1, keepdim=True)
         row_loss = torch.where(low, kept_mass.log() - log_p_target, kept_mass.div(p_target).log_())
     else:
-        row_loss = kept_mass.div(p_target).log_()
+        row_loss = torch.xlogy(1.0, kept_mass.div(p_target))
     active = valid_rows.logical_and(masked.logical_not())
     loss = torch.where(active, row_loss.squeeze(1), 0.0)
     if not need_grad:
@@ -174,6 +185,19 @@ def as_softmax_forward_rows(
     grad = kept.mul_(inv_mass)
     grad.scatter_add_(1, safe_target, one_hot.neg_())
     return loss, grad_layout(grad.to(logits.dtype), logits), masked
+
+
+def _needs_kept_count(delta: float, num_classes: int, cdtype: torch.dtype) -> bool:
+    """Whether "only the target kept" must be counted class by class rather than read off
+    ``K == p_t`` (one reduction fewer).
+
+    Every other kept class adds ``p_i >= p_t - delta`` to the kept mass ``K``. Where that
+    cut-off exceeds ``2 eps`` the addition always shows, so ``K == p_t`` iff only the target is
+    kept; a row that keeps only its target with a cut-off below ``2 eps`` leaves all other
+    classes under ``2 eps`` each, so ``p_t > 1 - C * 2 eps``, which needs ``delta`` that close
+    to 1 (and a single class is always alone). Decided on Python numbers: no tensor is read.
+    """
+    return num_classes == 1 or delta >= 1.0 - (num_classes + 1) * 2 * torch.finfo(cdtype).eps
 
 
 @functools.cache
