@@ -62,7 +62,7 @@ def _loss(
         ignore_index = -(2**63)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     try:
-        rows, _, masked = as_softmax_rows(z, t, delta, ignore_index, need_grad)
+        rows, _, masked, _ = as_softmax_rows(z, t, delta, ignore_index, need_grad)
     except TargetOutOfRange as error:
         raise ValueError(f"{fn}: {error}") from None
     valid = t != ignore_index
