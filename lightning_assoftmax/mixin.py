@@ -19,12 +19,10 @@ from lightning_assoftmax.family import (
     count_class_labels,
     loss_kwarg_names,
 )
-from lightning_assoftmax.functional import (
-    linear_as_softmax_loss_and_stats,
-    multilabel_as_softmax_loss,
-    multilabel_as_softmax_loss_and_stats,
-)
+from lightning_assoftmax.functional import multilabel_as_softmax_loss
 from lightning_assoftmax.functional._checks import check_delta, check_flag, check_ignore_index
+from lightning_assoftmax.functional.linear import linear_as_softmax_loss_and_flags
+from lightning_assoftmax.functional.multi_label import multilabel_as_softmax_loss_and_flags
 from lightning_assoftmax.metrics import MaskedSampleRatio, WeightedMean
 from lightning_assoftmax.ops import compute_dtype
 
@@ -129,9 +127,7 @@ class ASSoftmaxMixin:
             the unmasked multi-label base loss. Only ``as_softmax`` and ``softmax`` (its
             ``delta=1`` base loss) exist for multi-label targets.
         ignore_index: target value to skip (single-label only).
-        loss: name of the loss: as_softmax, softmax, t_softmax, sparse_softmax, sparsemax,
-            entmax15, label_smoothing, am_softmax, l_softmax, sphereface, l2_softmax, normface,
-            cosface, arcface or weighted_softmax (``lightning_assoftmax.family.LOSS_NAMES``).
+        loss: name of the loss, one of :data:`lightning_assoftmax.family.LOSS_NAMES`.
         loss_kwargs: keywords of that loss (e.g. ``{"k": 3}`` for ``sparse_softmax``,
             ``{"margin": 0.5, "delta": 0.1}`` for ``arcface`` composed with AS-Softmax); not
             ``ignore_index`` or ``reduction`` (the mixin sets them), nor, for ``as_softmax``,
@@ -143,13 +139,13 @@ class ASSoftmaxMixin:
             that their values stay comparable across epochs.
         as_softmax_last_stats: ``(masked_count, valid_count)`` of the latest training batch
             (0-dim integer tensors) from its ``log=True`` call(s), read by
-            ``AdaptiveGradAccumulation``. ``masked_count`` counts exactly-zero losses, and is 0
-            for losses that cannot zero a sample out, so that accumulation stays at one batch
-            per step for them.
+            ``AdaptiveGradAccumulation``. ``masked_count`` counts masked samples (AS-Softmax's
+            keep rule kept only the target; their loss is exactly zero), and is 0 for losses that
+            cannot zero a sample out, so that accumulation stays at one batch per step for them.
         as_softmax_track_masked_samples: when true (``SkipMaskedSamples`` sets it for the fit),
             training calls also record ``as_softmax_last_masked_samples``.
         as_softmax_last_masked_samples: bool ``(N,)`` on the logits' device, one flag per sample
-            of the latest training batch: its loss is exactly zero at every non-ignored position
+            of the latest training batch: every non-ignored position of it is a masked sample
             (a sample whose positions are all ignored counts as masked: it has no gradient
             either); all false for losses that cannot zero a sample out. Several calls in one
             step are combined with a logical and, if the holder resets it to ``None`` between
@@ -205,18 +201,6 @@ class ASSoftmaxMixin:
         self.as_softmax_last_masked_samples: Tensor | None = None
 
     # -- public API -------------------------------------------------------------------------
-    @property
-    def as_softmax_loss_description(self) -> str:
-        """The loss and its key settings, e.g. ``as_softmax(delta=0.1)`` or
-        ``label_smoothing(smoothing=0.2)``: ``delta`` for AS-Softmax, else the ``loss_kwargs``
-        given (a loss's own defaults are not repeated). Names runs in summaries, logs and figures."""
-        settings: dict[str, Any] = {}
-        if self.as_softmax_loss_name == "as_softmax":
-            settings["delta"] = self.as_softmax_target_delta
-        settings.update(self.as_softmax_loss_kwargs)
-        listed = ", ".join(f"{key}={value}" for key, value in settings.items())
-        return f"{self.as_softmax_loss_name}({listed})" if listed else self.as_softmax_loss_name
-
     def as_softmax_loss(self, logits: Tensor, target: Tensor, *, log: bool = True) -> Tensor:
         """The (mean) loss of a batch (AS-Softmax unless ``loss=`` chose another); logs it when
         called inside a ``Trainer`` loop.
@@ -241,18 +225,19 @@ class ASSoftmaxMixin:
         if criterion is None:
             if self.as_softmax_loss_name != "as_softmax":
                 delta = 1.0
-            loss, masked, count = multilabel_as_softmax_loss_and_stats(logits, target, delta)
-            if not self.as_softmax_reports_masked:
-                masked = torch.zeros_like(masked)
+            loss, flags, count = multilabel_as_softmax_loss_and_flags(logits, target, delta)
+            ignored = None
         else:
             if self.as_softmax_loss_name == "as_softmax":
                 criterion.delta = delta  # DeltaWarmup moves the training delta between batches
             if getattr(criterion, "needs_class_counts", False) and stage is not None:
                 num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
                 criterion.set_class_counts(self._as_softmax_training_class_counts(num_classes))
-            loss, masked, count = criterion.loss_and_stats(logits, target)
+            loss, flags, count = criterion.loss_and_flags(logits, target)
+            ignored = target == self.as_softmax_ignore_index
+        masked = self._as_softmax_masked_count(flags)
         if stage == "train" and self.as_softmax_track_masked_samples:
-            self._as_softmax_record_masked_samples(logits, target, delta)
+            self._as_softmax_record_masked_samples(flags, ignored)
         if log and stage is not None:
             self._as_softmax_log(stage, loss, masked, count, logits, target)
         return loss
@@ -285,20 +270,12 @@ class ASSoftmaxMixin:
                 logits = logits.movedim(-1, 1)  # (N, ..., C) -> (N, C, ...), as F.cross_entropy
             return self.as_softmax_loss(logits, target, log=log)
         delta = self.as_softmax_delta if self.as_softmax_loss_name == "as_softmax" else 1.0
-        track = stage == "train" and self.as_softmax_track_masked_samples
-        loss, masked, count = linear_as_softmax_loss_and_stats(
-            hidden,
-            weight,
-            target,
-            bias,
-            delta,
-            ignore_index=self.as_softmax_ignore_index,
-            reduction="none" if track else "mean",
+        loss, flags, count = linear_as_softmax_loss_and_flags(
+            hidden, weight, target, bias, delta, ignore_index=self.as_softmax_ignore_index
         )
-        if not self.as_softmax_reports_masked:
-            masked = torch.zeros_like(masked)
-        if track:
-            loss = self._as_softmax_mean_recording_flags(loss, count, target, counts_masked=True)
+        masked = self._as_softmax_masked_count(flags)
+        if stage == "train" and self.as_softmax_track_masked_samples:
+            self._as_softmax_record_masked_samples(flags, target == self.as_softmax_ignore_index)
         if log and stage is not None:
             self._as_softmax_log(stage, loss, masked, count, None, target)
         return loss
@@ -323,28 +300,24 @@ class ASSoftmaxMixin:
         if getattr(criterion, "needs_class_counts", False) and stage is not None:
             criterion.set_class_counts(self._as_softmax_training_class_counts(head.num_classes))
         # A sampled head would draw other candidates in a second call: the flags come from this one.
-        track = stage == "train" and self.as_softmax_track_masked_samples
-        loss, masked, count = head.loss_and_stats(
-            hidden,
-            target,
-            delta=delta,
-            ignore_index=self.as_softmax_ignore_index,
-            reduction="none" if track else "mean",
+        loss, flags, count = head.loss_and_flags(
+            hidden, target, delta=delta, ignore_index=self.as_softmax_ignore_index
         )
-        if not self.as_softmax_reports_masked:
-            masked = torch.zeros_like(masked)
-        # What the head's mean divides by: a class-weighted loss divides by the targets' weights.
-        mean_weight = getattr(head, "mean_weight", None)
-        with torch.no_grad():
-            norm = count if mean_weight is None else mean_weight(target, ignore_index=self.as_softmax_ignore_index)
-        if track:
-            loss = self._as_softmax_mean_recording_flags(loss, norm, target, head.counts_masked(delta))
+        masked = self._as_softmax_masked_count(flags)
+        if stage == "train" and self.as_softmax_track_masked_samples:
+            self._as_softmax_record_masked_samples(flags, target == self.as_softmax_ignore_index)
         if log and stage is not None:
             log_p = None
             if stage != "train":
                 with torch.no_grad():
                     log_p = head.log_prob(hidden.detach()).flatten(0, -2)  # (M, C): rows, classes
                 target = target.reshape(-1)
+            # What the head's mean divided by: a class-weighted loss divides by the targets' weights.
+            mean_weight = getattr(head, "mean_weight", None)
+            norm = None
+            if mean_weight is not None:
+                with torch.no_grad():
+                    norm = mean_weight(target, ignore_index=self.as_softmax_ignore_index)
             self._as_softmax_log(stage, loss, masked, count, log_p, target, log_probs=True, loss_weight=norm)
         return loss
 
@@ -416,55 +389,34 @@ class ASSoftmaxMixin:
             (_label_of(item) for item in dataset), num_classes, self.as_softmax_ignore_index
         )
 
+    def _as_softmax_masked_count(self, flags: Tensor) -> Tensor:
+        """The number of masked samples among a loss call's per-position flags (0 for a loss
+        that does not report them)."""
+        if not self.as_softmax_reports_masked:
+            return torch.zeros((), dtype=torch.long, device=flags.device)
+        return flags.sum()
+
     @torch.no_grad()
-    def _as_softmax_record_masked_samples(self, logits: Tensor, target: Tensor, delta: float) -> None:
-        """Per-sample masked flags of a training batch (for ``SkipMaskedSamples``), on the device.
+    def _as_softmax_record_masked_samples(self, flags: Tensor, ignored: Tensor | None) -> None:
+        """Keep a training batch's per-sample flags (for ``SkipMaskedSamples``), on the device,
+        from the masked flags of the loss call itself (the keep rule's, never a zero loss); a
+        further loss call in the step ANDs its own in.
 
-        A second, gradient-free evaluation of the same loss with ``reduction="none"``: it leaves
-        the training loss and its graph exactly as they are without the flags.
-        """
-        rows = None
-        if self.as_softmax_reports_masked:
-            criterion = self.as_softmax_criterion
-            if criterion is None:
-                rows = multilabel_as_softmax_loss(logits.detach(), target, delta, reduction="none")
-            else:
-                reduction, criterion.reduction = criterion.reduction, "none"
-                try:
-                    rows = criterion(logits.detach(), target)
-                finally:
-                    criterion.reduction = reduction
-        n = 1 if logits.dim() == 1 else logits.shape[0]
-        self._as_softmax_store_masked_samples(rows, n, logits.device)
-
-    def _as_softmax_mean_recording_flags(
-        self, rows: Tensor, norm: Tensor, target: Tensor, counts_masked: bool
-    ) -> Tensor:
-        """The mean of one loss call's ``reduction="none"`` rows (shaped like ``target``, 0 at
-        ignored positions): their sum over ``norm``, what the loss's own mean divides by (the
-        non-ignored count, or a class-weighted loss's sum of weights; 1 when it is 0). Records each
-        sample's masked flag (for ``SkipMaskedSamples``) from those same rows: no second
-        evaluation of the loss."""
-        n = target.shape[0] if target.dim() else 1
-        flagged = rows if self.as_softmax_reports_masked and counts_masked else None
-        self._as_softmax_store_masked_samples(flagged, n, rows.device)
-        return rows.sum() / torch.where(norm > 0, norm, torch.ones_like(norm)).to(rows.dtype)
-
-    def _as_softmax_store_masked_samples(self, rows: Tensor | None, n: int, device: torch.device) -> None:
-        """Keep a batch's per-sample flags from a loss call's ``reduction="none"`` rows (``None``:
-        the loss masks no sample); a further loss call in the step ANDs its own in.
-
-        Ignored positions have loss 0 under ``reduction="none"``: a sample is masked when all its
+        ``flags`` are per position (shaped like the target, or one per row for multi-label
+        targets) and false at ignored positions (``ignored``): a sample is masked when all its
         non-ignored positions are.
         """
-        if rows is None:
-            flags = torch.zeros(n, dtype=torch.bool, device=device)
+        n = flags.shape[0] if flags.dim() else 1
+        if not self.as_softmax_reports_masked:
+            sample_flags = torch.zeros(n, dtype=torch.bool, device=flags.device)
         else:
-            flags = (rows.detach().reshape(n, -1) == 0).all(dim=1)
+            if ignored is not None:
+                flags = flags | ignored.reshape(flags.shape)
+            sample_flags = flags.reshape(n, -1).all(dim=1)
         previous = self.as_softmax_last_masked_samples
-        if previous is not None and previous.shape == flags.shape:
-            flags = previous & flags
-        self.as_softmax_last_masked_samples = flags
+        if previous is not None and previous.shape == sample_flags.shape:
+            sample_flags = previous & sample_flags
+        self.as_softmax_last_masked_samples = sample_flags
 
     def _as_softmax_stage(self) -> str | None:
         trainer = getattr(self, "_trainer", None)

@@ -1,5 +1,8 @@
+import hashlib
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # It must be set before triton is first imported: the language functions are built at import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor's on-disk caches do not key on a custom op's Python backward: a cache filled while
+# lightning_assoftmax/ops held another backward would replay it. One cache folder per version of
+# the ops' sources keeps the cache warm between runs of the same code and never stale.
+_OPS = Path(__file__).resolve().parents[1] / "lightning_assoftmax" / "ops"
+_OPS_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_OPS.glob("*.py")))).hexdigest()[:16]
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_lightning_assoftmax_{_OPS_HASH}")
+)
 
 
 @pytest.fixture(autouse=True)

@@ -112,6 +112,35 @@ def test_masked_sample_ratio_counts_exact_zero_rows_and_excludes_ignored():
     assert masked_sample_ratio(logits, torch.full((4,), -100), 0.1).item() == 0.0
 
 
+def test_a_masked_sample_is_decided_by_the_keep_rule_not_by_a_zero_loss():
+    # Row 0 is confident: in float64 p_t = 1 / (1 + 2 e^-30), p_i = e^-30 p_t (about 9.4e-14), so
+    # the cross entropy is log(1 + 2 e^-30), about 1.9e-13 > 0, which float32 rounds to exactly 0.
+    # Row 1 is a close call (p = [0.464, 0.380, 0.156]).
+    logits64 = torch.tensor([[30.0, 0.0, 0.0], [1.0, 0.8, 0.0]], dtype=torch.float64)
+    target = torch.tensor([0, 0])
+    p64 = torch.softmax(logits64, 1)
+    assert 0 < F.cross_entropy(logits64[:1], target[:1]).item() < 1e-12
+    logits = logits64.float().requires_grad_()
+    assert F.cross_entropy(logits[:1].detach(), target[:1]).item() == 0.0
+    # delta = 1 keeps every class (p_t - p_i <= 1): no row is masked, and the loss and gradient
+    # are the cross entropy's, including row 0's non-zero gradient on the other classes.
+    loss, masked, valid = as_softmax_loss_and_stats(logits, target, 1.0, reduction="none")
+    assert (masked.item(), valid.item()) == (0, 2)
+    assert masked_sample_ratio(logits, target, 1.0).item() == 0.0
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    expected = p64 - F.one_hot(target, 3)
+    torch.testing.assert_close(grad, expected.float(), rtol=1e-6, atol=1e-7)
+    assert grad[0, 1].item() == pytest.approx(p64[0, 1].item(), rel=1e-5)  # about 9.4e-14, not 0
+    # delta = 0.1: row 0 keeps only its target (p_t - p_i is about 1 > 0.1): masked, with an
+    # exact zero loss and gradient; row 1 keeps classes 0 and 1 (0.464 - 0.380 <= 0.1).
+    loss, masked, valid = as_softmax_loss_and_stats(logits, target, 0.1, reduction="none")
+    assert (masked.item(), valid.item()) == (1, 2)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert loss[0].item() == 0.0 and torch.all(grad[0] == 0)
+    kept = p64[1, :2] / p64[1, :2].sum()
+    torch.testing.assert_close(grad[1], torch.cat([kept - torch.tensor([1.0, 0.0]), torch.zeros(1)]).float())
+
+
 def test_all_ignored_batch_gives_zero_not_nan():
     logits = torch.randn(4, 3, requires_grad=True)
     target = torch.full((4,), -100)

@@ -736,7 +736,8 @@ def test_per_batch_glue_reads_no_tensor_value_on_the_host(monkeypatch, loss, los
     reads = HostReads(monkeypatch)
     model = MarginClassifier(loss=loss, loss_kwargs=loss_kwargs)
     reads.watch(monkeypatch, model, "as_softmax_loss")
-    reads.unwatch(monkeypatch, model.as_softmax_criterion, "loss_and_stats")  # the loss itself
+    for entry in ("loss_and_stats", "loss_and_flags"):  # the loss itself
+        reads.unwatch(monkeypatch, model.as_softmax_criterion, entry)
     callbacks = []
     if loss == "l_softmax":
         annealing = MarginAnnealing()

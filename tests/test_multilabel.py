@@ -82,6 +82,28 @@ def test_confident_row_is_exactly_zero_with_zero_gradient():
     assert torch.all(logits.grad == 0)
 
 
+def test_a_masked_sample_keeps_no_term_whatever_its_loss_value():
+    # p = softmax([30, -30]) = [1 - e^-60, e^-60]. In float64 the base loss is
+    # 2 log(1 + e^-30), about 1.9e-13 > 0, which float32 rounds to exactly 0.
+    logits64 = torch.tensor([[30.0, -30.0]], dtype=torch.float64)
+    target = torch.tensor([[1, 0]])
+    assert 0 < _base(logits64[0].tolist(), target[0].tolist()) < 1e-12
+    logits = logits64.float().requires_grad_()
+    # delta = 1 keeps both terms (1 - e^-60 <= 1): not masked, and the gradient is the base
+    # loss's, -+e^-30 / (1 + e^-30) (about 9.4e-14), not zero.
+    loss = multilabel_as_softmax_loss(logits, target, 1.0, reduction="none")
+    assert loss.item() == 0.0
+    assert multilabel_masked_sample_ratio(logits, target, 1.0).item() == 0.0
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    slope = math.exp(-30) / (1 + math.exp(-30))
+    torch.testing.assert_close(grad, torch.tensor([[-slope, slope]]), rtol=1e-5, atol=0.0)
+    # delta = 0.1 drops both (1 - e^-60 > 0.1): a masked sample, with an exact zero gradient.
+    loss = multilabel_as_softmax_loss(logits, target, 0.1, reduction="none")
+    assert multilabel_masked_sample_ratio(logits, target, 0.1).item() == 1.0
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert loss.item() == 0.0 and torch.all(grad == 0)
+
+
 def test_nan_row_surfaces_and_is_not_masked():
     logits = torch.tensor([[float("nan"), -9.0, -9.0], [9.0, -9.0, -9.0]])
     target = torch.tensor([[1, 0, 0], [1, 0, 0]])

@@ -112,7 +112,8 @@ def watched_fit(monkeypatch, model, reads: HostReads, device: str = "cpu"):
     if hasattr(model, "as_softmax_loss"):
         reads.watch(monkeypatch, model, "as_softmax_loss")
     criterion = model.as_softmax_criterion if hasattr(model, "as_softmax_criterion") else model.criterion
-    reads.unwatch(monkeypatch, criterion, "loss_and_stats")  # the loss op: not the glue's business
+    for entry in ("loss_and_stats", "loss_and_flags"):  # the loss op: not the glue's business
+        reads.unwatch(monkeypatch, criterion, entry)
     callbacks = [callback, counter]
     if hasattr(model, "as_softmax_loss"):
         warmup = DeltaWarmup(0.2)

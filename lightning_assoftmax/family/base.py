@@ -69,6 +69,20 @@ class FamilyLoss(nn.Module, abc.ABC):
         """
         return {}
 
+    def row_losses_and_masked(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`row_losses` plus each row's masked flag ``(M,)`` (bool, detached).
+
+        By default a row is masked when its loss is exactly 0 and :attr:`produces_masked_samples`
+        holds (sparse members, whose zero loss comes with a zero gradient); members that compose
+        with AS-Softmax override this to take the flag from the keep rule instead.
+        """
+        rows = self.row_losses(logits, target, **inputs)
+        if self.produces_masked_samples:
+            masked = rows.detach() == 0
+        else:
+            masked = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+        return rows, masked
+
     def predictive_logits(self, logits: Tensor) -> Tensor:
         """The logits whose softmax is the model's predicted distribution (identity by default).
 
@@ -79,9 +93,19 @@ class FamilyLoss(nn.Module, abc.ABC):
     def loss_and_stats(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The reduced loss plus ``(masked_count, valid_count)``, both detached 0-dim long tensors.
 
-        ``masked_count`` counts non-ignored elements whose loss is exactly 0 when
-        :attr:`produces_masked_samples` is true, else it is 0. ``valid_count`` counts the
-        non-ignored elements.
+        ``masked_count`` counts the non-ignored masked samples (see :meth:`loss_and_flags`; 0
+        unless :attr:`produces_masked_samples`). ``valid_count`` counts the non-ignored elements.
+        """
+        loss, masked, valid_count = self.loss_and_flags(logits, target)
+        return loss, masked.sum(), valid_count
+
+    def loss_and_flags(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The reduced loss plus each element's masked flag and the number of non-ignored elements.
+
+        Returns:
+            ``(loss, masked, valid_count)``: ``masked`` is bool, shaped like ``target`` and false
+            at ignored positions (:meth:`row_losses_and_masked` decides it); ``valid_count`` a
+            0-dim long tensor. Both detached.
         """
         check_class_target(logits, target, self.ignore_index, self.name or type(self).__name__)
         z, t = class_rows(logits), target_rows(target)
@@ -95,18 +119,16 @@ class FamilyLoss(nn.Module, abc.ABC):
         }
         self._check_rows(z_valid)
         if z_valid.shape[0] > 0:
-            rows = self.row_losses(z_valid, t_valid, **inputs)
+            rows, masked_rows = self.row_losses_and_masked(z_valid, t_valid, **inputs)
         else:
             # Empty, but still attached to the graph: an all-ignored batch gives a loss of 0 that
             # backward() accepts (zero gradient) instead of a tensor without grad_fn.
             rows = z_valid.sum(dim=1)
+            masked_rows = torch.zeros(0, dtype=torch.bool, device=z.device)
         with torch.no_grad():
             valid_count = valid.sum()
-            if self.produces_masked_samples:
-                masked = (rows.detach() == 0).sum()
-            else:
-                masked = torch.zeros((), dtype=torch.long, device=valid_count.device)
-        return self._reduce(rows, valid, target), masked, valid_count
+            masked = torch.zeros_like(valid).masked_scatter(valid, masked_rows.detach())
+        return self._reduce(rows, valid, target), masked.reshape(target.shape), valid_count
 
     def mean_weight(self, target: Tensor) -> Tensor:
         """What ``reduction="mean"`` divides by for ``target`` (a detached 0-dim tensor): the

@@ -25,12 +25,13 @@ from __future__ import annotations
 import abc
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_assoftmax.family.base import FamilyLoss
-from lightning_assoftmax.functional import as_softmax_cross_entropy
 from lightning_assoftmax.functional._checks import check_delta, check_real
+from lightning_assoftmax.functional.single_label import as_softmax_loss_and_flags
 
 __all__ = ["CosineMarginLoss", "MarginLoss"]
 
@@ -72,10 +73,17 @@ class MarginLoss(FamilyLoss):
         """The logits cross entropy is taken of: ``(M, C)`` rows, target ``(M,)`` -> ``(M, C)``."""
 
     def row_losses(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> Tensor:
+        return self.row_losses_and_masked(logits, target, **inputs)[0]
+
+    def row_losses_and_masked(self, logits: Tensor, target: Tensor, **inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows' losses and masked flags; with ``delta`` both come from AS-Softmax's keep
+        rule on the margin logits (a row is masked when only its target is kept)."""
         margin = self.margin_logits(logits, target, **inputs)
         if self._delta is None:
-            return F.cross_entropy(margin, target, reduction="none")
-        return as_softmax_cross_entropy(margin, target, self._delta, reduction="none")
+            rows = F.cross_entropy(margin, target, reduction="none")
+            return rows, torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+        rows, masked, _ = as_softmax_loss_and_flags(margin, target, self._delta, reduction="none")
+        return rows, masked
 
     def extra_repr(self) -> str:
         return f"delta={self._delta}, {super().extra_repr()}"

@@ -3,17 +3,20 @@
 from lightning_assoftmax.functional.accumulation import accumulation_steps, next_accumulation_steps
 from lightning_assoftmax.functional.linear import (
     linear_as_softmax_cross_entropy,
+    linear_as_softmax_loss_and_flags,
     linear_as_softmax_loss_and_stats,
 )
 from lightning_assoftmax.functional.multi_label import (
     multilabel_as_softmax_keep_mask,
     multilabel_as_softmax_loss,
+    multilabel_as_softmax_loss_and_flags,
     multilabel_as_softmax_loss_and_stats,
     multilabel_masked_sample_ratio,
 )
 from lightning_assoftmax.functional.single_label import (
     as_softmax_cross_entropy,
     as_softmax_keep_mask,
+    as_softmax_loss_and_flags,
     as_softmax_loss_and_stats,
     masked_sample_ratio,
 )
@@ -22,12 +25,15 @@ __all__ = [
     "accumulation_steps",
     "as_softmax_cross_entropy",
     "as_softmax_keep_mask",
+    "as_softmax_loss_and_flags",
     "as_softmax_loss_and_stats",
     "linear_as_softmax_cross_entropy",
+    "linear_as_softmax_loss_and_flags",
     "linear_as_softmax_loss_and_stats",
     "masked_sample_ratio",
     "multilabel_as_softmax_keep_mask",
     "multilabel_as_softmax_loss",
+    "multilabel_as_softmax_loss_and_flags",
     "multilabel_as_softmax_loss_and_stats",
     "multilabel_masked_sample_ratio",
     "next_accumulation_steps",

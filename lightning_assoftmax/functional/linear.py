@@ -23,7 +23,11 @@ from lightning_assoftmax.ops.linear_single_label import (
     linear_as_softmax_rows_loss,
 )
 
-__all__ = ["linear_as_softmax_cross_entropy", "linear_as_softmax_loss_and_stats"]
+__all__ = [
+    "linear_as_softmax_cross_entropy",
+    "linear_as_softmax_loss_and_flags",
+    "linear_as_softmax_loss_and_stats",
+]
 
 
 def _check_linear_inputs(
@@ -78,6 +82,27 @@ def linear_as_softmax_loss_and_stats(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`linear_as_softmax_cross_entropy` plus ``(masked_count, valid_count)`` (0-dim long
     tensors, detached), as :func:`~lightning_assoftmax.functional.as_softmax_loss_and_stats`."""
+    loss, masked, valid_count = linear_as_softmax_loss_and_flags(
+        input, weight, target, bias, delta,
+        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+    return loss, masked.sum(), valid_count
+
+
+def linear_as_softmax_loss_and_flags(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    delta: float = 0.1,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`linear_as_softmax_cross_entropy` plus each position's masked flag (bool, shaped
+    like ``target``) and the number of non-ignored positions, as
+    :func:`~lightning_assoftmax.functional.single_label.as_softmax_loss_and_flags`."""
     fn = "linear_as_softmax_cross_entropy"
     delta = check_delta(delta)
     reduction = check_reduction(reduction)
@@ -99,7 +124,7 @@ def linear_as_softmax_loss_and_stats(
     )
     if reduction == "none":
         loss = loss.reshape(target.shape)
-    return loss, masked.sum(), valid_count
+    return loss, masked.reshape(target.shape), valid_count
 
 
 def linear_as_softmax_cross_entropy(

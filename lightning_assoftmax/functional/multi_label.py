@@ -31,16 +31,33 @@ from lightning_assoftmax.ops import (
 __all__ = [
     "multilabel_as_softmax_keep_mask",
     "multilabel_as_softmax_loss",
+    "multilabel_as_softmax_loss_and_flags",
     "multilabel_as_softmax_loss_and_stats",
     "multilabel_masked_sample_ratio",
 ]
 
 
+def multilabel_as_softmax_loss_and_flags(
+    logits: Tensor, target: Tensor, delta: float = 0.1, *, reduction: str = "mean"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The multi-label loss plus each row's masked flag and the number of rows.
+
+    Returns:
+        ``(loss, masked, row_count)``: ``masked`` is bool, one flag per row (shaped like the loss
+        with ``reduction="none"``), true where the keep rule drops every term of the row (loss
+        and gradient exactly 0); ``row_count`` a 0-dim ``torch.long`` tensor. Both detached.
+    """
+    out, masked = _loss(logits, target, delta, reduction)
+    count = torch.full((), masked.shape[0], dtype=torch.long, device=masked.device)
+    shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
+    return out, masked.reshape(shape), count
+
+
 def multilabel_as_softmax_loss_and_stats(
     logits: Tensor, target: Tensor, delta: float = 0.1, *, reduction: str = "mean"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The multi-label loss plus ``(masked_count, row_count)`` (rows with loss exactly 0), both
-    0-dim ``torch.long`` tensors on the logits' device."""
+    """The multi-label loss plus ``(masked_count, row_count)`` (rows whose every term is masked,
+    whose loss is exactly 0), both 0-dim ``torch.long`` tensors on the logits' device."""
     out, masked = _loss(logits, target, delta, reduction)
     count = torch.full((), masked.shape[0], dtype=torch.long, device=masked.device)
     return out, masked.sum(), count
@@ -107,7 +124,8 @@ def multilabel_as_softmax_keep_mask(logits: Tensor, target: Tensor, delta: float
 
 
 def multilabel_masked_sample_ratio(logits: Tensor, target: Tensor, delta: float = 0.1) -> Tensor:
-    """Share of rows whose multi-label AS-Softmax loss is exactly zero (0 for an empty batch)."""
+    """Share of rows whose every term is masked (their loss is exactly zero; 0 for an empty
+    batch)."""
     with torch.no_grad():
         _, masked, count = multilabel_as_softmax_loss_and_stats(
             logits, target, delta, reduction="sum"

@@ -7,6 +7,8 @@ For logits :math:`z`, target :math:`t` and :math:`p = \mathrm{softmax}(z)`, clas
           = \log \sum_{i\ \mathrm{kept}} p_i - \log p_t .
 
 When only the target is kept the loss is exactly 0 (and so is its gradient): a *masked sample*.
+That is decided by the keep rule, never by the loss value: at ``delta = 1`` no sample is masked,
+even one whose float32 loss rounds to 0.
 The loss runs through the custom op of :mod:`lightning_assoftmax.ops` (one softmax per row gives
 the decision, the loss and the gradient); this module validates, reshapes and reduces, without
 reading any tensor value on the host, so a call never synchronises a GPU and compiles with
@@ -36,6 +38,7 @@ from lightning_assoftmax.ops import (
 __all__ = [
     "as_softmax_cross_entropy",
     "as_softmax_keep_mask",
+    "as_softmax_loss_and_flags",
     "as_softmax_loss_and_stats",
     "masked_sample_ratio",
 ]
@@ -59,7 +62,7 @@ def _loss(
         ignore_index = -(2**63)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     try:
-        rows, _, masked = as_softmax_rows(z, t, delta, ignore_index, need_grad)
+        rows, _, masked, _ = as_softmax_rows(z, t, delta, ignore_index, need_grad)
     except TargetOutOfRange as error:
         raise ValueError(f"{fn}: {error}") from None
     valid = t != ignore_index
@@ -73,6 +76,26 @@ def _loss(
     return out, masked, valid
 
 
+def as_softmax_loss_and_flags(
+    logits: Tensor,
+    target: Tensor,
+    delta: float = 0.1,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss plus each element's masked flag and the number of non-ignored elements.
+
+    Returns:
+        ``(loss, masked, valid_count)``: ``masked`` is bool, shaped like ``target``, true where
+        the keep rule keeps only the target (a *masked sample*: loss and gradient exactly 0;
+        never at an ignored position, on a NaN row or at ``delta = 1``); ``valid_count`` is a
+        0-dim ``torch.long`` tensor. Both detached.
+    """
+    out, masked, valid = _loss(logits, target, delta, ignore_index, reduction)
+    return out, masked.reshape(target.shape), valid.sum()
+
+
 def as_softmax_loss_and_stats(
     logits: Tensor,
     target: Tensor,
@@ -83,8 +106,10 @@ def as_softmax_loss_and_stats(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The loss plus ``(masked_count, valid_count)`` from one pass (for metrics and callbacks).
 
-    ``masked_count`` counts non-ignored elements whose loss is exactly zero (a NaN loss never is);
-    ``valid_count`` counts non-ignored elements. Both are 0-dim ``torch.long`` tensors, detached.
+    ``masked_count`` counts the non-ignored elements that keep only their target (masked
+    samples, whose loss is exactly 0; a NaN row never is one, and at ``delta = 1`` none is, even
+    where the float32 loss rounds to 0); ``valid_count`` counts non-ignored elements. Both are
+    0-dim ``torch.long`` tensors, detached.
     """
     out, masked, valid = _loss(logits, target, delta, ignore_index, reduction)
     return out, masked.sum(), valid.sum()
@@ -152,7 +177,8 @@ def as_softmax_keep_mask(
 def masked_sample_ratio(
     logits: Tensor, target: Tensor, delta: float = 0.1, *, ignore_index: int = -100
 ) -> Tensor:
-    """Share of non-ignored samples whose AS-Softmax loss is exactly zero, as a 0-dim float tensor.
+    """Share of non-ignored samples that keep only their target (masked samples, whose loss is
+    exactly zero), as a 0-dim float tensor.
 
     Ignored positions are excluded from both counts; with no non-ignored sample the ratio is 0.
     A row with a NaN or +inf logit counts in the denominator and never as masked.

@@ -42,8 +42,11 @@ def group_may_hold_kept(log_p_group: Tensor, threshold: Tensor) -> Tensor:
     return ~(log_p_group.detach().exp() * (1.0 + GROUP_SLACK) < threshold)
 
 
-def as_loss(log_p_target: Tensor, kept_mass: Tensor, kept_count: Tensor, threshold: Tensor) -> Tensor:
-    """Per-row AS-Softmax loss from the target's log-probability and the kept classes.
+def as_loss(
+    log_p_target: Tensor, kept_mass: Tensor, kept_count: Tensor, threshold: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-row AS-Softmax loss and masked flag from the target's log-probability and the kept
+    classes.
 
     Args:
         log_p_target: ``(M,)`` :math:`\\log p_t`, with gradient.
@@ -53,12 +56,15 @@ def as_loss(log_p_target: Tensor, kept_mass: Tensor, kept_count: Tensor, thresho
         threshold: ``(M,)`` :math:`\\tau`.
 
     Returns:
-        ``(M,)``: :math:`-\\log p_t` where :math:`\\tau \\le 0`; exactly 0 (and zero gradient)
-        where only the target is kept; :math:`\\log K - \\log p_t` otherwise. The mass is at
-        least the largest probability (always kept), so at least ``1 / V``: its log is safe.
+        ``(loss, masked)``, each ``(M,)``: the loss is :math:`-\\log p_t` where
+        :math:`\\tau \\le 0`; exactly 0 (and zero gradient) where only the target is kept;
+        :math:`\\log K - \\log p_t` otherwise. The mass is at least the largest probability
+        (always kept), so at least ``1 / V``: its log is safe. ``masked`` (bool, detached) marks
+        the rows that keep only their target: the keep rule decides it, never the loss value.
     """
     can_mask = threshold > 0
     # Rows that cannot mask read log(1): no log(0) whose gradient (0 * inf) would be NaN.
     mass = torch.where(can_mask, kept_mass, torch.ones_like(kept_mass))
     partial = torch.where(kept_count > 1, mass.log() - log_p_target, torch.zeros_like(log_p_target))
-    return torch.where(can_mask, partial, -log_p_target)
+    masked = (can_mask & (kept_count == 1)).detach()
+    return torch.where(can_mask, partial, -log_p_target), masked

@@ -146,9 +146,25 @@ class SamplingHead(OutputHead):
         candidates: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`OutputHead.loss_and_stats`; ``candidates`` ``(S,)`` fixes the sampled classes."""
+        loss, masked, valid_count = self.loss_and_flags(
+            hidden, target, delta=delta, ignore_index=ignore_index, reduction=reduction, candidates=candidates
+        )
+        return loss, masked.sum(), valid_count
+
+    def loss_and_flags(
+        self,
+        hidden: Tensor,
+        target: Tensor,
+        *,
+        delta: float | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        candidates: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`OutputHead.loss_and_flags`; ``candidates`` ``(S,)`` fixes the sampled classes."""
         self._candidates = self._check_candidates(candidates)
         try:
-            return super().loss_and_stats(hidden, target, delta=delta, ignore_index=ignore_index, reduction=reduction)
+            return super().loss_and_flags(hidden, target, delta=delta, ignore_index=ignore_index, reduction=reduction)
         finally:
             self._candidates = None
 

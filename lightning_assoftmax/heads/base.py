@@ -86,8 +86,16 @@ class OutputHead(nn.Module, abc.ABC):
         parts = [self.log_prob_rows(block).argmax(dim=1) for block in hidden.split(rows)]
         return torch.cat(parts) if parts else hidden.new_empty(0, dtype=torch.long)
 
+    def row_losses_and_masked(self, hidden: Tensor, target: Tensor, delta: float | None) -> tuple[Tensor, Tensor]:
+        """:meth:`row_losses` plus each row's masked flag ``(M,)`` (bool, detached): true where
+        AS-Softmax's keep rule keeps only the target. None by default; heads that take ``delta``
+        override it."""
+        losses = self.row_losses(hidden, target, delta)
+        return losses, torch.zeros(losses.shape, dtype=torch.bool, device=losses.device)
+
     def counts_masked(self, delta: float | None) -> bool:
-        """Whether a zero loss marks a masked sample (AS-Softmax with exact zero gradient)."""
+        """Whether the head reports masked samples (AS-Softmax, whose masked rows have an exact
+        zero loss and gradient) for this ``delta``."""
         return delta is not None
 
     # -- public API --------------------------------------------------------------------------
@@ -124,8 +132,31 @@ class OutputHead(nn.Module, abc.ABC):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`loss` plus ``(masked_count, valid_count)``, detached 0-dim long tensors.
 
-        ``masked_count`` counts non-ignored positions whose loss is exactly 0 when ``delta`` is
-        given (AS-Softmax masked samples), else 0; ``valid_count`` the non-ignored positions.
+        ``masked_count`` counts the non-ignored positions that keep only their target when
+        ``delta`` is given (AS-Softmax masked samples, see :meth:`loss_and_flags`), else 0;
+        ``valid_count`` the non-ignored positions.
+        """
+        loss, masked, valid_count = self.loss_and_flags(
+            hidden, target, delta=delta, ignore_index=ignore_index, reduction=reduction
+        )
+        return loss, masked.sum(), valid_count
+
+    def loss_and_flags(
+        self,
+        hidden: Tensor,
+        target: Tensor,
+        *,
+        delta: float | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`loss` plus each position's masked flag and the number of non-ignored positions.
+
+        Returns:
+            ``(loss, masked, valid_count)``: ``masked`` is bool, shaped like ``target``, true where
+            AS-Softmax's keep rule keeps only the target (decided by the rule, never by the loss
+            value: at ``delta=1`` nothing is masked), false at ignored positions and wherever
+            :meth:`counts_masked` is false; ``valid_count`` a 0-dim long tensor. Both detached.
         """
         delta = self._check_delta(delta)
         ignore_index = check_ignore_index(ignore_index)
@@ -135,17 +166,18 @@ class OutputHead(nn.Module, abc.ABC):
         hidden_valid, target_valid = rows[valid], flat_target[valid]
         cdtype = compute_dtype(hidden.dtype)
         if target_valid.numel():
-            losses = self.row_losses(hidden_valid, target_valid, delta)
+            losses, masked_rows = self.row_losses_and_masked(hidden_valid, target_valid, delta)
         else:
             # Still attached to the graph (hidden and every parameter): backward through an
             # all-ignored batch works and gives zero gradients everywhere.
             losses = hidden_valid.sum(dim=1).to(cdtype) + graph_anchor(self.parameters(), hidden_valid.to(cdtype))
+            masked_rows = torch.zeros(0, dtype=torch.bool, device=valid.device)
         with torch.no_grad():
             valid_count = valid.sum()
+            masked = torch.zeros_like(valid)
             if self.counts_masked(delta):
-                masked = (losses.detach() == 0).sum()
-            else:
-                masked = torch.zeros((), dtype=torch.long, device=valid_count.device)
+                masked = masked.masked_scatter(valid, masked_rows.detach())
+            masked = masked.reshape(target.shape)
         if reduction == "none":
             full = losses.new_zeros(valid.shape).masked_scatter(valid, losses)
             return full.reshape(target.shape), masked, valid_count

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_assoftmax.family import build_loss, check_loss_name, classifier_head
-from lightning_assoftmax.functional import as_softmax_cross_entropy
 from lightning_assoftmax.functional._checks import check_real
+from lightning_assoftmax.functional.single_label import as_softmax_loss_and_flags
 from lightning_assoftmax.heads.base import PREDICT_BLOCK, OutputHead, compute_dtype
 
 __all__ = ["DenseHead"]
@@ -91,18 +91,22 @@ class DenseHead(OutputHead):
         return super()._check_delta(delta)
 
     def row_losses(self, hidden: Tensor, target: Tensor, delta: float | None) -> Tensor:
+        return self.row_losses_and_masked(hidden, target, delta)[0]
+
+    def row_losses_and_masked(self, hidden: Tensor, target: Tensor, delta: float | None) -> tuple[Tensor, Tensor]:
         logits = self.linear(hidden)
         if delta is not None:
-            losses = as_softmax_cross_entropy(logits, target, delta, reduction="none")
+            losses, masked, _ = as_softmax_loss_and_flags(logits, target, delta, reduction="none")
         else:
-            losses = self.criterion(logits, target)
+            losses, masked, _ = self.criterion.loss_and_flags(logits, target)
         if self.z_loss:
             penalty = self.z_loss * torch.logsumexp(logits.to(compute_dtype(logits.dtype)), dim=1) ** 2
             weight = self._class_weight()
             if weight is not None:  # the criterion weighted its rows; the penalty is part of them
                 penalty = penalty * weight.to(device=penalty.device, dtype=penalty.dtype)[target]
             losses = losses + penalty
-        return losses
+            masked = torch.zeros_like(masked)
+        return losses, masked
 
     def mean_weight(self, target: Tensor, *, ignore_index: int = -100) -> Tensor:
         weight = self._class_weight()

@@ -135,13 +135,17 @@ class HierarchicalSoftmaxHead(OutputHead):
         return torch.where(signs != 0, steps, torch.zeros_like(steps)).sum(dim=1)
 
     def row_losses(self, hidden: Tensor, target: Tensor, delta: float | None) -> Tensor:
+        return self.row_losses_and_masked(hidden, target, delta)[0]
+
+    def row_losses_and_masked(self, hidden: Tensor, target: Tensor, delta: float | None) -> tuple[Tensor, Tensor]:
         log_p = self.path_log_prob(hidden, target)
+        unmasked = torch.zeros(log_p.shape, dtype=torch.bool, device=log_p.device)
         if delta is None:
-            return -log_p
+            return -log_p, unmasked
         threshold = keep_threshold(log_p, delta)
         can_mask = threshold > 0
         if not bool(can_mask.any()):
-            return -log_p
+            return -log_p, unmasked
         with torch.no_grad():
             rows, classes = self._kept_leaves(hidden, target, threshold, can_mask.nonzero().squeeze(1))
         kept_p = self.path_log_prob(hidden[rows], classes).exp()

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_assoftmax.functional import as_softmax_cross_entropy
 from lightning_assoftmax.functional._checks import check_flag, check_real
+from lightning_assoftmax.functional.single_label import as_softmax_loss_and_flags
 from lightning_assoftmax.heads._sampling import SamplingHead
 
 __all__ = ["SampledSoftmaxHead"]
@@ -81,12 +81,16 @@ class SampledSoftmaxHead(SamplingHead):
         return delta is not None and self.z_loss == 0
 
     def row_losses(self, hidden: Tensor, target: Tensor, delta: float | None) -> Tensor:
+        return self.row_losses_and_masked(hidden, target, delta)[0]
+
+    def row_losses_and_masked(self, hidden: Tensor, target: Tensor, delta: float | None) -> tuple[Tensor, Tensor]:
         if not self.use_samples():
             logits = self.logits(hidden)
-            losses = _cross_entropy(logits, target, delta)
+            losses, masked = _cross_entropy(logits, target, delta)
             if self.z_loss:
                 losses = losses + self.z_loss * torch.logsumexp(logits, dim=1) ** 2
-            return losses
+                masked = torch.zeros_like(masked)
+            return losses, masked
         candidates = self.candidates()
         log_q = self.proposal.log_probs
         true = self.target_scores(hidden, target)
@@ -99,10 +103,11 @@ class SampledSoftmaxHead(SamplingHead):
         if self.remove_accidental_hits:
             sampled = sampled.masked_fill(candidates.unsqueeze(0) == target.unsqueeze(1), -torch.inf)
         scores = torch.cat([true.unsqueeze(1), sampled], dim=1)
-        losses = _cross_entropy(scores, torch.zeros_like(target), delta)
+        losses, masked = _cross_entropy(scores, torch.zeros_like(target), delta)
         if log_z is not None:
             losses = losses + self.z_loss * log_z**2
-        return losses
+            masked = torch.zeros_like(masked)
+        return losses, masked
 
     def extra_repr(self) -> str:
         return (
@@ -111,7 +116,10 @@ class SampledSoftmaxHead(SamplingHead):
         )
 
 
-def _cross_entropy(scores: Tensor, target: Tensor, delta: float | None) -> Tensor:
+def _cross_entropy(scores: Tensor, target: Tensor, delta: float | None) -> tuple[Tensor, Tensor]:
+    """Each row's loss and masked flag (AS-Softmax's keep rule with ``delta``; none without)."""
     if delta is None:
-        return F.cross_entropy(scores, target, reduction="none")
-    return as_softmax_cross_entropy(scores, target, delta, reduction="none")
+        losses = F.cross_entropy(scores, target, reduction="none")
+        return losses, torch.zeros(losses.shape, dtype=torch.bool, device=losses.device)
+    losses, masked, _ = as_softmax_loss_and_flags(scores, target, delta, reduction="none")
+    return losses, masked

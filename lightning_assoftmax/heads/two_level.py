@@ -82,6 +82,9 @@ class TwoLevelHead(OutputHead):
         return F.log_softmax(scorer(cluster, hidden), dim=1, dtype=cdtype)
 
     def row_losses(self, hidden: Tensor, target: Tensor, delta: float | None) -> Tensor:
+        return self.row_losses_and_masked(hidden, target, delta)[0]
+
+    def row_losses_and_masked(self, hidden: Tensor, target: Tensor, delta: float | None) -> tuple[Tensor, Tensor]:
         cdtype = compute_dtype(hidden.dtype)
         S = self.num_direct
         slot, cluster = self._slots(target)
@@ -111,14 +114,14 @@ class TwoLevelHead(OutputHead):
 
         computed = set(blocks)
         if delta is None:
-            losses = -log_p
+            losses, masked = -log_p, torch.zeros(log_p.shape, dtype=torch.bool, device=log_p.device)
         else:
-            losses = self._as_losses(scorer, hidden, top, log_p, slot, cluster, blocks, delta, computed)
+            losses, masked = self._as_losses(scorer, hidden, top, log_p, slot, cluster, blocks, delta, computed)
         bounds = self.cluster_bounds
         unused = self.unused_parameters({k for k in computed if bounds[k + 1] - bounds[k] > 1})
         if unused:
             losses = losses + graph_anchor(unused, losses)
-        return losses
+        return losses, masked
 
     def _as_losses(
         self,
@@ -131,13 +134,14 @@ class TwoLevelHead(OutputHead):
         blocks: dict[int, tuple[Tensor, Tensor]],
         delta: float,
         computed: set[int],
-    ) -> Tensor:
-        """Exact AS-Softmax losses ``(M,)``: the kept mass of rows whose cut-off is positive."""
+    ) -> tuple[Tensor, Tensor]:
+        """Exact AS-Softmax losses and masked flags ``(M,)``: the kept mass of rows whose cut-off
+        is positive."""
         S = self.num_direct
         threshold = keep_threshold(log_p, delta)
         can_mask = threshold > 0
         if not bool(can_mask.any()):
-            return -log_p
+            return -log_p, torch.zeros(log_p.shape, dtype=torch.bool, device=log_p.device)
         mass = torch.zeros_like(log_p)
         count = torch.zeros_like(slot)
 

@@ -1,8 +1,9 @@
 """The autograd side shared by the row-loss custom ops: the gradient is prepared in the forward.
 
 Each op returns ``(loss (M,), grad (M, C), masked (M,))`` with ``grad`` the derivative of each
-row's loss with respect to that row's logits; backward multiplies it by the upstream gradient of
-each row's loss. Nothing else is saved, so autograd keeps one ``(M, C)`` tensor, as
+row's loss with respect to that row's logits, or ``(loss, grad, masked, row_scale (M,))`` where
+that derivative is ``grad * row_scale`` per row (a normalisation left for the backward, which
+then costs no pass of its own); backward multiplies by the upstream gradient of each row's loss. Nothing else is saved, so autograd keeps one ``(M, C)`` tensor, as
 ``F.cross_entropy`` keeps its log-probabilities.
 """
 
@@ -31,14 +32,14 @@ def register_row_autograd(op: Any, loss_name: str) -> None:
     """Register the backward of a row-loss custom op ``op`` (see the module docstring)."""
 
     def setup_context(ctx, inputs, output) -> None:
-        _, grad, masked = output
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(grad, masked)
+        # (loss, grad, masked) or (loss, grad, masked, row_scale): see the module docstring.
+        ctx.save_for_backward(*output[1:2], *output[3:])
+        ctx.mark_non_differentiable(*output[1:])
         # No zero-filled (M, C) stand-in for the gradient of the unused outputs.
         ctx.set_materialize_grads(False)
         ctx.other_inputs = len(inputs) - 1
 
-    def backward(ctx, grad_loss: Tensor, _grad: Tensor, _masked: Tensor):
+    def backward(ctx, grad_loss: Tensor, *_unused: Tensor):
         if torch.is_grad_enabled():
             # The saved gradient is a constant: a second derivative through it would be
             # silently wrong, not merely slow.
@@ -47,7 +48,7 @@ def register_row_autograd(op: Any, loss_name: str) -> None:
                 "gradient is computed in the forward pass. Differentiate the loss once, or use "
                 "a plain-PyTorch formulation for higher-order derivatives."
             )
-        (grad,) = ctx.saved_tensors
+        grad, *row_scale = ctx.saved_tensors
         if grad_loss is None:  # the loss took no part in what is differentiated
             return (None,) * (1 + ctx.other_inputs)
         if grad.dim() != 2:
@@ -55,7 +56,7 @@ def register_row_autograd(op: Any, loss_name: str) -> None:
                 f"{loss_name}: backward through a call made with need_grad=False; pass "
                 "need_grad=True when the logits require a gradient."
             )
-        scale = grad_loss.unsqueeze(1)
+        scale = (grad_loss * row_scale[0] if row_scale else grad_loss).unsqueeze(1)
         # Plain tensors only: under torch.compile the backward is traced functionally (fake and
         # functional tensor subclasses), and the compiler manages the buffers itself.
         if type(grad) is Tensor and not graph_is_kept():

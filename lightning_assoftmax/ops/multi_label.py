@@ -130,8 +130,8 @@ def multilabel_as_softmax_forward_rows(
 
     Returns:
         ``loss`` ``(M,)`` in float32 (float64 for float64 logits); ``grad`` ``(M, C)`` in the
-        logits' dtype; ``masked`` ``(M,)`` bool, the rows whose loss is exactly 0 (never a NaN
-        row).
+        logits' dtype; ``masked`` ``(M,)`` bool, the rows whose every term is dropped by the keep
+        rule (their loss and gradient are exactly 0; never a NaN row, and none at ``delta = 1``).
     """
     # 0/1 float indicators and a few reused (M, C) buffers: on CPU, masked selects and fresh
     # allocations (page faults) cost more than the arithmetic.
@@ -173,11 +173,13 @@ def multilabel_as_softmax_forward_rows(
     loss = torch.add(
         (shift_neg + denom_neg.log()).squeeze(1), (shift_pos + denom_pos.log()).squeeze(1)
     )
-    masked = loss == 0
+    # A masked sample keeps no term at all: decided by the keep rule, never by the loss value
+    # (log(1 + e^-30) rounds to 0 in float32 on a row that keeps its terms).
+    masked = (max_neg < low).logical_and_(min_pos > high).squeeze(1)
     if not need_grad:
         return loss, logits.new_empty(0), masked
-    # d/ds_i = e_i / denom_neg on kept negatives, -e_j / denom_pos on kept positives; a row with
-    # loss exactly 0 gets gradient exactly 0, not round-off.
+    # d/ds_i = e_i / denom_neg on kept negatives, -e_j / denom_pos on kept positives (a masked row
+    # keeps nothing: its gradient is exactly 0).
     nonzero = (~masked).unsqueeze(1)
     inv_neg = torch.where(nonzero, denom_neg.reciprocal(), 0.0)
     inv_pos = torch.where(nonzero, denom_pos.reciprocal(), 0.0)

@@ -8,8 +8,9 @@ always is). With the kept mass :math:`K = \sum_{i\ \mathrm{kept}} p_i`,
           \frac{\partial \ell}{\partial z_i} = [i\ \mathrm{kept}]\,\frac{p_i}{K} - [i = t].
 
 One softmax per row thus gives the decision, the loss and the gradient. A row whose only kept
-class is the target has :math:`K = p_t` bit for bit, so its loss is exactly 0; its gradient is
-then set to exactly 0 too (a *masked sample*).
+class is the target is a *masked sample* (the paper's definition, decided by the keep rule, never
+by the loss value): its loss and gradient are exactly 0. At ``delta = 1`` every class is kept and
+no row is masked, even one whose float32 loss rounds to 0.
 
 :func:`as_softmax_forward_rows` is the one implementation of this math (plain torch, any
 device). The custom op ``lightning_assoftmax::as_softmax_rows`` wraps it with a fake
@@ -119,49 +120,102 @@ def as_softmax_forward_rows(
     Returns:
         ``loss`` ``(M,)`` in float32 (float64 for float64 logits); ``grad`` ``(M, C)`` in the
         logits' dtype, the derivative of each row's loss with respect to its logits; ``masked``
-        ``(M,)`` bool, the rows not ignored whose loss is exactly 0. A row with a NaN or +inf
-        logit has a NaN loss and is never masked.
+        ``(M,)`` bool, the rows not ignored that keep only their target (their loss and gradient
+        are exactly 0). A row with a NaN or +inf logit has a NaN loss and is never masked.
     """
+    loss, grad, masked, _ = _forward_rows(logits, target, delta, ignore_index, need_grad, grad_scale, True)
+    return loss, grad, masked
+
+
+def _forward_rows(
+    logits: Tensor,
+    target: Tensor,
+    delta: float,
+    ignore_index: int,
+    need_grad: bool,
+    grad_scale: Tensor | None,
+    normalise: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`as_softmax_forward_rows`, plus the gradient's row factor when ``normalise`` is
+    false: the returned ``grad`` is then ``kept p - K onehot(t)`` and ``row_scale`` ``(M,)`` its
+    factor ``1 / K`` (0 on masked and ignored rows), which the backward folds into its
+    multiplication by the upstream gradient: one full pass fewer."""
     cdtype = compute_dtype(logits.dtype)
+    on_cpu = logits.device.type == "cpu"
     valid_rows = target != ignore_index
     safe_target = torch.where(valid_rows, target, 0).unsqueeze(1).long()
-    # log_softmax, then exp in place: log p_t stays exact where p_t underflows.
+    # Each full (M, C) pass below is a kernel launch (and, on CPU, a parallel region whose
+    # threads must all arrive): few passes, all in place in the one buffer that becomes the
+    # gradient, plus one 0/1 float mask (a float comparison output is vectorised on CPU; a
+    # boolean mask, torch.where and masked_fill cost several times more there).
     if class_major(logits):
         # Class by class in memory (see class_major); the buffers below inherit the layout.
-        log_p = torch.log_softmax(logits.t(), 0, dtype=cdtype).t()
+        p = torch.softmax(logits.t(), 0, dtype=cdtype).t()
     else:
-        log_p = torch.log_softmax(logits, 1, dtype=cdtype)
-    log_p_target = log_p.gather(1, safe_target)
-    p = log_p.exp_()
+        p = torch.softmax(logits, 1, dtype=cdtype)
     p_target = p.gather(1, safe_target)
-    # kept = p where p >= p_t - delta, else 0, by a 0/1 float mask (vectorised; a boolean mask or
-    # torch.where costs several times more on CPU). NaN entries become 0, so an ignored row
-    # holding NaN stays harmless; a valid NaN row still gets a NaN loss through p_t.
-    keep = torch.ge(p, as_softmax_keep_threshold(p_target, delta), out=torch.empty_like(p))
-    kept = p.mul_(keep).nan_to_num_(nan=0.0)
+    # NaN probabilities (a row with a NaN or +inf logit) compare False: kept by no class, so
+    # such a row never counts as masked; its loss is NaN through p_t.
+    threshold = as_softmax_keep_threshold(p_target, delta)
+    keep = torch.ge(p, threshold, out=torch.empty_like(p))
+    # The paper's masked sample: only the target kept (the authors count rows with C - 1
+    # logits at -inf), never "the loss rounds to 0": at delta = 1 nothing is masked.
+    exact_count = _needs_kept_count(delta, p.shape[1], cdtype)
+    if exact_count:
+        masked = (keep.sum(1) == 1).logical_and_(valid_rows)
+    kept = p.mul_(keep)
+    del keep
     kept_mass = kept.sum(1, keepdim=True)
-    # log(K / p_t) is exactly 0 when only the target is kept (K == p_t); where p_t underflowed,
-    # log p_t comes from the log-softmax instead.
-    row_loss = torch.where(
-        p_target >= underflow_limit(cdtype),
-        kept_mass.div(p_target).log_(),
-        kept_mass.log().sub_(log_p_target),
-    )
-    loss = torch.where(valid_rows, row_loss.squeeze(1), 0.0)
-    masked = (loss == 0).logical_and_(valid_rows)
+    if not exact_count:
+        # Only the target kept <=> K == p_t bit for bit, where every other kept class adds at
+        # least the cut-off: above 2 eps no rounding absorbs it (see _needs_kept_count).
+        tolerance = 2 * torch.finfo(cdtype).eps
+        masked = (kept_mass == p_target).logical_and_(threshold > tolerance).squeeze(1)
+        masked.logical_and_(valid_rows)
+    if not on_cpu or bool(kept_mass.isnan().any()):
+        # NaN * 0 stays NaN: clear it, so that ignored rows holding NaN get a zero gradient. On
+        # CPU only the rare batch with a NaN pays this pass (a CPU tensor has no device to
+        # synchronise with).
+        kept.nan_to_num_(nan=0.0)
+    # log(K / p_t) is exactly 0 when only the target is kept; where p_t underflowed, log p_t
+    # comes from the logits (z_t - logsumexp z) instead. xlogy(1, x) is log(x) without the
+    # parallel region that torch.log opens on CPU from 2048 elements on: one per loss call
+    # costs a thread rendezvous, several milliseconds on a loaded machine.
+    low = p_target < underflow_limit(cdtype)
+    if not on_cpu or bool(low.any()):
+        z_target = logits.gather(1, safe_target).to(cdtype)
+        log_p_target = z_target - torch.logsumexp(logits.to(cdtype), 1, keepdim=True)
+        row_loss = torch.where(low, kept_mass.log() - log_p_target, kept_mass.div(p_target).log_())
+    else:
+        row_loss = torch.xlogy(1.0, kept_mass.div(p_target))
+    active = valid_rows.logical_and(masked.logical_not())
+    loss = torch.where(active, row_loss.squeeze(1), 0.0)
     if not need_grad:
-        return loss, logits.new_empty(0), masked
-    # d loss / dz = kept p / K - onehot(t). A row with loss exactly 0 (masked or ignored) gets
-    # gradient exactly 0, not round-off.
-    nonzero = (loss != 0).unsqueeze(1)
-    inv_mass = torch.where(nonzero, kept_mass.reciprocal_(), 0.0)
-    one_hot = nonzero.to(cdtype)
+        return loss, logits.new_empty(0), masked, None
+    # d loss / dz = (kept p - K onehot(t)) / K; masked and ignored rows get exactly 0 through
+    # their factor 0 (their kept p is finite: p_t alone, or zeros).
+    active = active.unsqueeze(1)
+    inv_mass = torch.where(active, kept_mass.reciprocal(), 0.0)
+    grad = kept.scatter_add_(1, safe_target, torch.where(active, kept_mass, 0.0).neg_())
+    if not normalise:
+        return loss, grad_layout(grad, logits), masked, inv_mass.squeeze(1)
     if grad_scale is not None:
-        factor = (grad_scale if grad_scale.dim() == 0 else grad_scale.unsqueeze(1)).to(cdtype)
-        inv_mass, one_hot = inv_mass * factor, one_hot * factor
-    grad = kept.mul_(inv_mass)
-    grad.scatter_add_(1, safe_target, one_hot.neg_())
-    return loss, grad_layout(grad.to(logits.dtype), logits), masked
+        inv_mass = inv_mass * (grad_scale if grad_scale.dim() == 0 else grad_scale.unsqueeze(1)).to(cdtype)
+    grad = grad.mul_(inv_mass)
+    return loss, grad_layout(grad.to(logits.dtype), logits), masked, None
+
+
+def _needs_kept_count(delta: float, num_classes: int, cdtype: torch.dtype) -> bool:
+    """Whether "only the target kept" must be counted class by class rather than read off
+    ``K == p_t`` (one reduction fewer).
+
+    Every other kept class adds ``p_i >= p_t - delta`` to the kept mass ``K``. Where that
+    cut-off exceeds ``2 eps`` the addition always shows, so ``K == p_t`` iff only the target is
+    kept; a row that keeps only its target with a cut-off below ``2 eps`` leaves all other
+    classes under ``2 eps`` each, so ``p_t > 1 - C * 2 eps``, which needs ``delta`` that close
+    to 1 (and a single class is always alone). Decided on Python numbers: no tensor is read.
+    """
+    return num_classes == 1 or delta >= 1.0 - (num_classes + 1) * 2 * torch.finfo(cdtype).eps
 
 
 @functools.cache
@@ -191,8 +245,13 @@ def forward_rows_implementation(logits: Tensor) -> Callable[..., RowsResult]:
 @torch.library.custom_op("lightning_assoftmax::as_softmax_rows", mutates_args=())
 def as_softmax_rows(
     logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`as_softmax_forward_rows` as a custom op (differentiable in ``logits``).
+
+    Returns ``(loss, grad, masked, row_scale)``: the derivative of row ``r``'s loss is
+    ``grad[r] * row_scale[r]`` (the backward multiplies both by the upstream gradient at once;
+    ``row_scale`` is all ones where ``grad`` is the derivative itself, and empty without
+    ``need_grad``).
 
     Class indices are checked on CPU (:class:`TargetOutOfRange`); on other devices an index
     outside ``[0, C)`` fails in the kernel, as with ``F.cross_entropy`` (a device-side assert on
@@ -200,7 +259,13 @@ def as_softmax_rows(
     """
     if target.device.type == "cpu":
         check_class_indices(target, logits.shape[1], ignore_index)
-    return forward_rows_implementation(logits)(logits, target, delta, ignore_index, need_grad)
+    implementation = forward_rows_implementation(logits)
+    if need_grad and implementation is as_softmax_forward_rows and logits.dtype == compute_dtype(logits.dtype):
+        loss, grad, masked, row_scale = _forward_rows(logits, target, delta, ignore_index, True, None, False)
+        return loss, grad, masked, row_scale
+    loss, grad, masked = implementation(logits, target, delta, ignore_index, need_grad)
+    rows = logits.shape[0] if need_grad else 0
+    return loss, grad, masked, torch.ones(rows, dtype=loss.dtype, device=loss.device)
 
 
 @as_softmax_rows.register_fake
@@ -208,7 +273,8 @@ def _(logits: Tensor, target: Tensor, delta: float, ignore_index: int, need_grad
     cdtype = compute_dtype(logits.dtype)
     rows = logits.shape[0]
     loss = logits.new_empty(rows, dtype=cdtype)
-    return loss, empty_grad(logits, need_grad), logits.new_empty(rows, dtype=torch.bool)
+    row_scale = logits.new_empty(rows if need_grad else 0, dtype=cdtype)
+    return loss, empty_grad(logits, need_grad), logits.new_empty(rows, dtype=torch.bool), row_scale
 
 
 register_row_autograd(as_softmax_rows, "as_softmax_cross_entropy")
