@@ -300,7 +300,7 @@ def ref_family(name: str, kwargs: dict) -> Callable[[Case], Out]:
         valid = t != ii
         safe = torch.where(valid, t, 0)
         if name == "as_softmax":
-            return ref_as_softmax(z, case, kwargs["delta"])
+            return ref_as_softmax(z, case, case.delta)
         if name == "softmax":
             rows = _ce_rows(z, t, ii)
         elif name == "t_softmax":
@@ -416,7 +416,8 @@ def _module(case: Case) -> Out:
 def _family(name: str, kwargs: dict) -> Callable[[Case], Out]:
     def run(case: Case) -> Out:
         z = _logits_view(case.leaves["z"], case.logits_layout)
-        criterion = build_loss(name, ignore_index=case.ignore_index, reduction=case.reduction, **kwargs)
+        own = {"delta": case.delta} if name == "as_softmax" else kwargs  # the case's delta
+        criterion = build_loss(name, ignore_index=case.ignore_index, reduction=case.reduction, **own)
         loss, masked, _ = criterion.loss_and_stats(z, case.target)
         return Out(loss, masked)
 
@@ -514,7 +515,7 @@ def _margin(name: str, kwargs: dict) -> Callable[[Case], Out]:
 
 
 FAMILY_KWARGS = {
-    "as_softmax": {"delta": DELTA},
+    "as_softmax": {},  # the case's delta
     "softmax": {},
     "t_softmax": {"temperature": 2.0},
     "sparse_softmax": {"k": 3},
