@@ -127,7 +127,9 @@ class ASSoftmaxMixin:
             the unmasked multi-label base loss. Only ``as_softmax`` and ``softmax`` (its
             ``delta=1`` base loss) exist for multi-label targets.
         ignore_index: target value to skip (single-label only).
-        loss: name of the loss, one of :data:`lightning_assoftmax.family.LOSS_NAMES`.
+        loss: name of the loss: as_softmax, softmax, t_softmax, sparse_softmax, sparsemax,
+            entmax15, label_smoothing, am_softmax, l_softmax, sphereface, l2_softmax, normface,
+            cosface, arcface or weighted_softmax (``lightning_assoftmax.family.LOSS_NAMES``).
         loss_kwargs: keywords of that loss (e.g. ``{"k": 3}`` for ``sparse_softmax``,
             ``{"margin": 0.5, "delta": 0.1}`` for ``arcface`` composed with AS-Softmax); not
             ``ignore_index`` or ``reduction`` (the mixin sets them), nor, for ``as_softmax``,
@@ -201,6 +203,18 @@ class ASSoftmaxMixin:
         self.as_softmax_last_masked_samples: Tensor | None = None
 
     # -- public API -------------------------------------------------------------------------
+    @property
+    def as_softmax_loss_description(self) -> str:
+        """The loss and its key settings, e.g. ``as_softmax(delta=0.1)`` or
+        ``label_smoothing(smoothing=0.2)``: ``delta`` for AS-Softmax, else the ``loss_kwargs``
+        given (a loss's own defaults are not repeated). Names runs in summaries, logs and figures."""
+        settings: dict[str, Any] = {}
+        if self.as_softmax_loss_name == "as_softmax":
+            settings["delta"] = self.as_softmax_target_delta
+        settings.update(self.as_softmax_loss_kwargs)
+        listed = ", ".join(f"{key}={value}" for key, value in settings.items())
+        return f"{self.as_softmax_loss_name}({listed})" if listed else self.as_softmax_loss_name
+
     def as_softmax_loss(self, logits: Tensor, target: Tensor, *, log: bool = True) -> Tensor:
         """The (mean) loss of a batch (AS-Softmax unless ``loss=`` chose another); logs it when
         called inside a ``Trainer`` loop.
