@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> CompareResult:
     grid = CompareGrid(
         arms, args.seed_list, args.out, settings, shard=_shard(args.shard), same_data_order=not args.own_data_order
     )
-    command = "python benchmarks/compare.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = "python benchmarks/compare.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
     if args.summarize_only:
         return run_compare(grid, None, command, summarize_only=True)
     # One datamodule for every fit: tokenization (cached on disk) and the split happen once.
