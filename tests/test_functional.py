@@ -283,3 +283,21 @@ def test_property_masked_iff_zero_loss_iff_target_alone(batch, delta):
     assert masked.item() == int(alone.sum()) and valid.item() == len(target)
     loss.sum().backward()
     assert torch.all(logits.grad[alone] == 0)
+
+
+@pytest.mark.parametrize("delta", [0.1, 1.0])
+def test_loss_and_gradient_where_the_target_probability_underflows(delta):
+    """A row whose p_t underflows float32 (its log p_t comes from the logits) beside ordinary and
+    masked rows: value and gradient against the float64 formula."""
+    z = torch.tensor([[0.0, -200.0, 1.0], [3.0, 0.0, 0.0], [0.5, 0.2, -0.1]], requires_grad=True)
+    t = torch.tensor([1, 0, 2])
+    loss = as_softmax_cross_entropy(z, t, delta, reduction="none")
+    z64 = z.detach().double().requires_grad_()
+    p = z64.softmax(1)
+    p_t = p.gather(1, t[:, None])
+    keep = (p_t - p <= delta) | (torch.arange(3)[None] == t[:, None])
+    ref = torch.logsumexp(z64.masked_fill(~keep, float("-inf")), 1) - z64.gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    loss.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-5, atol=1e-6)
