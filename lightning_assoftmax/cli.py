@@ -16,12 +16,14 @@ arguments of the same name. ``fit`` without a stopping point stops after
 :data:`DEFAULT_MAX_EPOCHS` epochs. Each run writes into a folder named for its loss
 (``lightning_logs/<loss>/version_<n>``) with a ``metrics.csv`` beside any logger; ``test`` and
 ``predict`` of a checkpoint write into ``<run>/test`` and ``<run>/predict`` of the checkpoint's run,
-``predict`` a predictions file with label names. After ``fit`` a summary table is printed.
+``predict`` a predictions file with label names; without ``--data`` they use the data of the
+checkpoint's fit. After ``fit`` a summary table is printed.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import re
@@ -34,9 +36,10 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -66,7 +69,7 @@ from lightning_assoftmax.data import (  # noqa: F401
 )
 from lightning_assoftmax.models import ImageClassifier, TextClassifier, TokenClassifier  # noqa: F401
 
-__all__ = ["DEFAULT_MAX_EPOCHS", "ASSoftmaxCLI", "main", "run_summary"]
+__all__ = ["DATA_CONFIG_KEY", "DEFAULT_MAX_EPOCHS", "ASSoftmaxCLI", "DataConfigInCheckpoint", "main", "run_summary"]
 
 #: Epochs ``fit`` runs when no stopping point (``max_epochs``, ``max_steps``, ``max_time``) is given;
 #: Lightning's own default would be 1000.
@@ -80,7 +83,8 @@ DESCRIPTION = (
     "SkipMaskedSamples, DeltaWarmup, LossAccuracyCorrelation, MarginAnnealing, PredictionWriter) by "
     f"short name. fit stops after {DEFAULT_MAX_EPOCHS} epochs unless --trainer.max_epochs, max_steps or "
     "max_time is given. Each run writes into lightning_logs/<loss>/version_<n> (config.yaml, "
-    "metrics.csv, checkpoints); test and predict with --ckpt_path write next to that checkpoint's run."
+    "metrics.csv, checkpoints); test and predict with --ckpt_path write next to that checkpoint's run and "
+    "use the data of its fit unless --data names a class."
 )
 
 # Datamodule attributes copied into the model's init arguments of the same name (when it has one),
@@ -101,6 +105,9 @@ _CORRELATION_METRICS = (
     "val/loss_acc_spearman",
     "val/ce_loss_acc_spearman",
 )
+#: Checkpoint key under which a ``fit`` from the command line stores its datamodule's config
+#: (``class_path`` and ``init_args``), so that ``test --ckpt_path`` alone tests on the same data.
+DATA_CONFIG_KEY = "lightning_assoftmax_data"
 # User-facing errors raised while building the model or data from a config (bad values, bad files).
 _CONFIG_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
 
@@ -190,6 +197,22 @@ class RunConfigCallback(SaveConfigCallback):
         rank_zero_info(f"{getattr(stage, 'value', stage)}: config saved to {self.path}")
 
 
+class DataConfigInCheckpoint(Callback):
+    """Writes the datamodule's config (``class_path``, ``init_args``) into every checkpoint of a fit.
+
+    ``validate`` / ``test`` / ``predict`` with ``--ckpt_path`` and no ``--data`` (on the command line
+    or in a config file) then use the same data class and arguments, as Lightning already does for
+    the model's. Added by :class:`ASSoftmaxCLI` to ``fit``; the checkpoint's other contents are
+    unchanged.
+    """
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[DATA_CONFIG_KEY] = self.data
+
+
 class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
     """``LightningCLI`` with any ``LightningModule`` / ``LightningDataModule`` chosen by class.
 
@@ -208,7 +231,8 @@ class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
     * ``validate`` / ``test`` / ``predict`` with ``--ckpt_path`` write into ``<run>/<subcommand>``
       of the checkpoint's run folder (the parent of its ``checkpoints`` folder), not a new version;
       the checkpoint's ``class_names`` go to a datamodule that takes them (``TextFile`` then needs
-      no training file).
+      no training file). Without ``--data`` they use the data class and arguments the checkpoint's
+      fit used (:class:`DataConfigInCheckpoint`), as they use its model.
     * ``predict`` writes ``predictions.csv`` (:class:`~lightning_assoftmax.callbacks.PredictionWriter`)
       unless a prediction writer is configured.
     """
@@ -225,6 +249,7 @@ class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
         kwargs["parser_kwargs"] = parser_kwargs
         self._fit_started = math.nan
         self._default_stop = False
+        self._data_note = ""
         super().__init__(L.LightningModule, L.LightningDataModule, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -234,7 +259,18 @@ class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
                 "data", f"model.init_args.{name}", compute_fn=_from_data(name, default), apply_on="instantiate"
             )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        given = sys.argv[1:] if args is None else args
+        with_data = None if isinstance(given, (dict, Namespace)) else _with_checkpoint_data(list(map(str, given)))
+        if with_data is None:
+            super().parse_arguments(parser, args)
+            return
+        arguments, self._data_note = with_data
+        self.config = parser.parse_args(arguments)
+
     def before_instantiate_classes(self) -> None:
+        if self._data_note:
+            rank_zero_info(self._data_note)
         self._class_names_from_checkpoint()
 
     def instantiate_classes(self) -> None:
@@ -261,6 +297,14 @@ class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
         # Lightning's own bar cuts `train/masked_ratio` off on an 80-column terminal.
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             extra.append(CompactProgressBar())
+        if self.subcommand == "fit":
+            self._dump_config()
+            data = self.config_dump.get("data")
+            if isinstance(data, dict) and "class_path" in data:
+                extra.append(DataConfigInCheckpoint(data))
+        else:
+            # A checkpoint's ModelCheckpoint state names the fit's folder; outside fit it is not used.
+            warnings.filterwarnings("ignore", message=r".*dirpath has changed from.*")
         if extra:
             kwargs["callbacks"] = [*callbacks, *extra]
         return super().instantiate_trainer(**kwargs)
@@ -352,6 +396,60 @@ class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
     def after_fit(self) -> None:
         elapsed = time.perf_counter() - self._fit_started
         _print_summary(run_summary(self.trainer), run_title(self.model, self.datamodule, f"fit, {elapsed:.1f} s"))
+
+
+def _option_values(arguments: list[str], *names: str) -> list[str]:
+    """The values given to options ``names`` (``--name=value`` or ``--name value``)."""
+    values = []
+    for i, argument in enumerate(arguments):
+        for name in names:
+            if argument.startswith(name + "="):
+                values.append(argument[len(name) + 1 :])
+            elif argument == name and i + 1 < len(arguments):
+                values.append(arguments[i + 1])
+    return values
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}  # the parser reports it
+    return content if isinstance(content, dict) else {}
+
+
+def _with_checkpoint_data(arguments: list[str]) -> tuple[list[str], str] | None:
+    """``validate`` / ``test`` / ``predict`` with a checkpoint and no data class named: the arguments
+    with the checkpoint's data config (:data:`DATA_CONFIG_KEY`) placed first, so that ``--data.*``
+    options given still override it; ``None`` when the arguments stay as they are."""
+    position = next((i for i, a in enumerate(arguments) if a in ("fit", "validate", "test", "predict", "compare")), None)
+    if position is None or arguments[position] not in ("validate", "test", "predict"):
+        return None
+    subcommand, before, after = arguments[position], arguments[:position], arguments[position + 1 :]
+    configs = [_read_config(p) for p in _option_values(after, "--config", "-c")]
+    top_level = [c.get(subcommand) or {} for c in map(_read_config, _option_values(before, "--config", "-c"))]
+    named = _option_values(after, "--data") or any(isinstance(c, dict) and c.get("data") for c in configs + top_level)
+    checkpoints = _option_values(after, "--ckpt_path") or [c["ckpt_path"] for c in configs if c.get("ckpt_path")]
+    if named or not checkpoints or not Path(str(checkpoints[-1])).is_file():
+        return None
+    checkpoint = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
+    stored = checkpoint.get(DATA_CONFIG_KEY)
+    if not isinstance(stored, dict) or "class_path" not in stored:
+        return None
+    stored = {**stored, "init_args": dict(stored.get("init_args") or {})}
+    init_args, gone = stored["init_args"], ""
+    names = checkpoint.get("hyper_parameters", {}).get("class_names")
+    train_file = init_args.get("train_file")
+    if train_file and not Path(train_file).exists() and names and "class_names" in init_args:
+        # A training file moved or deleted since: the checkpoint's label names stand in for it.
+        init_args.update(train_file=None, class_names=[str(name) for name in names])
+        gone = f"; train_file {train_file} is gone, the checkpoint's class names stand in for it"
+    values = ", ".join(f"{k}={v!r}" for k, v in init_args.items() if v is not None and k != "class_names")
+    note = (
+        f"{subcommand}: the data of the checkpoint's fit, {stored['class_path'].rsplit('.', 1)[-1]}({values}), "
+        f"with any --data.* option given here on top{gone}."
+    )
+    return [*before, subcommand, f"--data={json.dumps(stored)}", *after], note
 
 
 def _no_stopping_point(trainer_config: dict[str, Any]) -> bool:

@@ -107,9 +107,13 @@ def test_the_loop_on_your_own_csv(tmp_path, capsys):
 
     # test and predict from the checkpoint alone: the training CSV is gone
     (tmp_path / "train.csv").unlink()
-    tested = ASSoftmaxCLI(args=["test", f"--ckpt_path={checkpoint}", "--data=TextFile", "--data.test_file=test.csv", *QUIET])
+    # no --data: the fit's TextFile and its arguments, the checkpoint's label names for the gone file
+    tested = ASSoftmaxCLI(args=["test", f"--ckpt_path={checkpoint}", "--data.test_file=test.csv", *QUIET])
     model = tested.model
     assert type(model).__name__ == "TextClassifier" and model.class_names == ["art", "money", "sport"]
+    assert type(tested.datamodule).__name__ == "TextFile" and tested.datamodule.batch_size == 8
+    assert tested.datamodule.class_names == ["art", "money", "sport"]
+    assert tested.trainer.callback_metrics["test/acc"].numel() == 1
     assert (run / "test" / "metrics.csv").is_file() and (run / "test" / "config.yaml").is_file()
     predicted = ASSoftmaxCLI(args=["predict", f"--ckpt_path={checkpoint}", "--data=TextFile", "--data.predict_file=new.csv", *QUIET])
     with (run / "predict" / "predictions.csv").open() as handle:
@@ -330,3 +334,78 @@ def test_text_file_takes_class_names_instead_of_a_training_file(tmp_path):
         bundled_data.TextFile(test_file=str(tmp_path / "test.csv"), class_names=["sport", "money"])
     with pytest.raises(ValueError, match="needs train_file"):
         bundled_data.TextFile(test_file=str(tmp_path / "test.csv"))
+
+
+# -- a checkpoint remembers its data --------------------------------------------------------
+DIGITS_FIT = ["--model=ImageClassifier", "--model.channels=4", "--data=Digits", "--data.batch_size=96",
+              "--data.val_fraction=0.2", "--data.test_fraction=0.25", "--data.seed=3", "--trainer.max_steps=3", "--trainer.limit_val_batches=1", *QUIET]
+
+
+def _fit_digits() -> Path:
+    fitted = ASSoftmaxCLI(args=["fit", *DIGITS_FIT])
+    return Path(fitted.trainer.checkpoint_callback.best_model_path)
+
+
+def _accuracy_on(model, data) -> float:
+    """Test accuracy recomputed here, batch by batch, from the data's own test split."""
+    data.setup("test")
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for images, labels in data.test_dataloader():
+            right += int((model(images).argmax(-1) == labels).sum())
+            total += len(labels)
+    return right / total
+
+
+def test_test_of_a_checkpoint_alone_uses_the_data_of_its_fit(tmp_path, caplog):
+    checkpoint = _fit_digits()
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["lightning_assoftmax_data"]
+    assert stored == {"class_path": "lightning_assoftmax.data.Digits",
+                      "init_args": {"batch_size": 96, "val_fraction": 0.2, "test_fraction": 0.25, "seed": 3}}
+    with _no_warning_about("dirpath has changed"):
+        tested = ASSoftmaxCLI(args=["test", f"--ckpt_path={checkpoint}", *QUIET])
+    assert "test: the data of the checkpoint's fit, Digits(batch_size=96, val_fraction=0.2" in caplog.text
+    data = tested.datamodule
+    assert type(data) is bundled_data.Digits and (data.batch_size, data.val_fraction) == (96, 0.2)
+    # the logged accuracy is the one on the fit's own test split, not on the defaults' split
+    fits_split = bundled_data.Digits(batch_size=50, val_fraction=0.2, test_fraction=0.25, seed=3)
+    reference = _accuracy_on(tested.model, fits_split)
+    assert tested.trainer.callback_metrics["test/acc"].item() == pytest.approx(reference, abs=1e-6)
+    default_split = bundled_data.Digits()
+    default_split.setup("test")
+    assert len(data.datasets["test"]) == len(fits_split.datasets["test"]) != len(default_split.datasets["test"])
+
+
+def test_data_options_given_with_the_checkpoint_go_on_top_of_its_data(tmp_path, caplog):
+    checkpoint = _fit_digits()
+    caplog.clear()
+    # an option alone: the fit's class and other arguments, with this one changed
+    tested = ASSoftmaxCLI(args=["validate", f"--ckpt_path={checkpoint}", "--data.batch_size=32", *QUIET])
+    assert type(tested.datamodule) is bundled_data.Digits
+    assert (tested.datamodule.batch_size, tested.datamodule.val_fraction, tested.datamodule.seed) == (32, 0.2, 3)
+    # a class named on the command line: that class from its own defaults, as before
+    named = ASSoftmaxCLI(args=["validate", f"--ckpt_path={checkpoint}", "--data=Digits", *QUIET])
+    assert (named.datamodule.batch_size, named.datamodule.val_fraction, named.datamodule.seed) == (64, 0.15, 0)
+    # a class named in a config file counts the same
+    config = tmp_path / "data.yaml"
+    config.write_text("data:\n  class_path: Digits\n  init_args:\n    test_fraction: 0.3\n")
+    caplog.clear()
+    from_file = ASSoftmaxCLI(args=["test", f"--config={config}", f"--ckpt_path={checkpoint}", *QUIET])
+    assert (from_file.datamodule.val_fraction, from_file.datamodule.test_fraction) == (0.15, 0.3)
+    assert "data of the checkpoint's fit" not in caplog.text
+
+
+def test_a_checkpoint_without_a_data_config_leaves_the_arguments_alone(tmp_path):
+    from lightning_assoftmax.cli import _with_checkpoint_data
+
+    data = bundled_data.Digits(batch_size=64)
+    model = bundled_models.ImageClassifier(num_classes=10, channels=4)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    checkpoint = str(next(tmp_path.rglob("*.ckpt")))
+    arguments = ["test", f"--ckpt_path={checkpoint}"]
+    assert _with_checkpoint_data(arguments) is None  # a checkpoint saved outside the CLI: nothing stored
+    assert _with_checkpoint_data(["fit", f"--ckpt_path={checkpoint}"]) is None  # resuming a fit: untouched
+    assert _with_checkpoint_data(["test", "--ckpt_path", str(tmp_path / "missing.ckpt")]) is None
