@@ -355,6 +355,13 @@ class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
                 save_dir = os.path.join(root, "lightning_logs")
                 place = {"save_dir": save_dir, "name": self.run_name, "version": CSVLogger(save_dir, name=self.run_name).version}
             loggers.append(CSVLogger(**place))
+        for csv_logger in (lg for lg in loggers if isinstance(lg, CSVLogger)):
+            if any(lg is not csv_logger and getattr(lg, "log_dir", None) == csv_logger.log_dir for lg in loggers):
+                # The other logger writes there first; the CSV logger then says the folder is not
+                # empty and that "previous log files will be deleted", while it only writes its own.
+                warnings.filterwarnings(
+                    "ignore", message=rf"Experiment logs directory {re.escape(csv_logger.log_dir)} exists and is not empty"
+                )
         return loggers
 
     def _class_names_from_checkpoint(self) -> None:

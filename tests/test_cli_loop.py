@@ -359,11 +359,13 @@ def _accuracy_on(model, data) -> float:
 
 
 def test_test_of_a_checkpoint_alone_uses_the_data_of_its_fit(tmp_path, caplog):
-    checkpoint = _fit_digits()
+    # the CSV logger beside TensorBoard in the run's folder does not say it will delete files there
+    with _no_warning_about("exists and is not empty"):
+        checkpoint = _fit_digits()
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["lightning_assoftmax_data"]
     assert stored == {"class_path": "lightning_assoftmax.data.Digits",
                       "init_args": {"batch_size": 96, "val_fraction": 0.2, "test_fraction": 0.25, "seed": 3}}
-    with _no_warning_about("dirpath has changed"):
+    with _no_warning_about("dirpath has changed"), _no_warning_about("exists and is not empty"):
         tested = ASSoftmaxCLI(args=["test", f"--ckpt_path={checkpoint}", *QUIET])
     assert "test: the data of the checkpoint's fit, Digits(batch_size=96, val_fraction=0.2" in caplog.text
     data = tested.datamodule
