@@ -16,7 +16,8 @@ nothing:
   batches, live and resting samples per epoch).
 
 Configurations: ``AdaptiveGradAccumulation`` alone (on a resumable loader), ``SkipMaskedSamples``
-alone, both together with ``DeltaWarmup``, and (slow) both with ``DeltaWarmup``, validation twice
+alone (on a ``DataLoader``, and on torchdata's ``StatefulDataLoader``, which Lightning restores to
+its position in the epoch), both together with ``DeltaWarmup``, and (slow) both with ``DeltaWarmup``, validation twice
 per epoch, ``LossAccuracyCorrelation`` and checkpoints at the end of each validation run.
 
 One limitation holds for every Lightning run and is asserted so that it stays documented: a
@@ -27,6 +28,7 @@ the correlation history lacks that one run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -52,6 +54,9 @@ from lightning_assoftmax import (
     SkipMaskedSamples,
 )
 
+_needs_torchdata = pytest.mark.skipif(
+    importlib.util.find_spec("torchdata") is None, reason="torchdata (StatefulDataLoader) is not installed"
+)
 N_FEATURES, N_CLASSES = 8, 4
 # 28 samples in batches of 4: 7 batches per full epoch; windows of 2 and 3 leave a short last one.
 N_TRAIN, N_VAL, BATCH, EPOCHS = 28, 16, 4, 5
@@ -150,6 +155,8 @@ class Config:
     skipping: bool = False
     warmup: bool = False
     validation: bool = False
+    stateful: bool = False  # the training data through torchdata's StatefulDataLoader
+    shuffle: bool = False  # with stateful: StatefulDataLoader(shuffle=True), a random order each epoch
 
     def callbacks(self) -> list[L.Callback]:
         callbacks: list[L.Callback] = []
@@ -196,7 +203,16 @@ def fit(
                                 every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=False)
             )
     data = cluster_data(N_TRAIN, seed=0)
-    if config.skipping:
+    if config.stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+        if config.shuffle:
+            train = StatefulDataLoader(data, batch_size=BATCH, shuffle=True, num_workers=num_workers)
+        else:
+            sampler = StatefulDistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=5)
+            train = StatefulDataLoader(data, batch_size=BATCH, sampler=sampler, num_workers=num_workers)
+    elif config.skipping:
         sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=5)
         train = DataLoader(data, batch_size=BATCH, sampler=sampler, num_workers=num_workers)
     else:
@@ -272,6 +288,8 @@ CONFIGS = [
     Config("accumulation", accumulation=True),
     Config("skipping", skipping=True),
     Config("both+warmup", accumulation=True, skipping=True, warmup=True),
+    # the loader restores its own position on a resume and skips the batches it had yielded
+    pytest.param(Config("skipping+StatefulDataLoader", skipping=True, stateful=True), marks=_needs_torchdata),
     pytest.param(Config("both+warmup+validation", accumulation=True, skipping=True, warmup=True, validation=True), marks=pytest.mark.slow),
 ]
 
@@ -427,3 +445,27 @@ def test_ddp_resume_inside_a_window_continues_with_the_averaged_gradients(tmp_pa
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--ddp-worker":
     _ddp_worker(sys.argv[2], sys.argv[3])
+
+
+@_needs_torchdata
+def test_a_resumed_epoch_keeps_its_random_order_on_a_stateful_loader(tmp_path):
+    """StatefulDataLoader(shuffle=True): a random order per epoch, drawn from the global random
+    state, which a resume does not restore. The epoch under way at the checkpoint finishes in the
+    order it began with, although the loader makes its iterator twice when it is restored; the
+    epochs after it are drawn afresh (as with any RandomSampler)."""
+    config = Config("skipping+StatefulDataLoader(shuffle=True)", skipping=True, stateful=True, shuffle=True)
+    full = fit(config, save=tmp_path)
+    rows = full.log.rows
+    mid_epoch = 0
+    for path in sorted(tmp_path.glob("step=*.ckpt")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            resumed = fit(config, ckpt_path=path, seed=123)
+        offset = resumed.log.offset
+        if offset == len(rows) or rows[offset - 1][0] != rows[offset][0]:
+            continue  # saved after an epoch's last batch: the next epoch is drawn afresh
+        mid_epoch += 1
+        epoch = rows[offset][0]
+        rest = [row[:3] for row in rows[offset:] if row[0] == epoch]
+        assert [row[:3] for row in resumed.log.rows[: len(rest)]] == rest, path.name
+    assert mid_epoch >= 10

@@ -36,6 +36,13 @@ __all__ = ["SkipMaskedSamples"]
 
 _OUTPUT_KEY = "masked_samples"
 _UNSHARDED_SAMPLERS = (SequentialSampler, RandomSampler, SubsetRandomSampler)
+# torchdata's StatefulDataLoader brings its own (stateful) versions of these; told apart by name so
+# that torchdata stays optional.
+_TORCHDATA_SAMPLERS = "torchdata.stateful_dataloader.sampler"
+
+
+def _is_torchdata(sampler: Any, name: str) -> bool:
+    return type(sampler).__module__ == _TORCHDATA_SAMPLERS and type(sampler).__name__ == name
 
 
 class SkipMaskedSamples(Callback):
@@ -71,7 +78,9 @@ class SkipMaskedSamples(Callback):
     with a sampler that yields the live sample indices of each epoch, in the order the original
     sampler would have used (``shuffle=True``/``False``, ``SubsetRandomSampler``, or, under DDP,
     the ``DistributedSampler`` Lightning would inject, with its seed), each process getting its
-    shard. Batch ``i`` of an epoch holds known dataset indices, so a batch's flags map back to
+    shard. torchdata's ``StatefulDataLoader`` (and its samplers) is accepted too: on a resume it
+    skips the batches it had yielded itself, and the sampler starts the epoch's saved order from
+    its first index. Batch ``i`` of an epoch holds known dataset indices, so a batch's flags map back to
     samples without any change to the batch format. When nothing rests the batches are exactly
     those of a run without the callback.
 
@@ -324,8 +333,8 @@ class SkipMaskedSamples(Callback):
         self._next_live = state_dict["next_live_epoch"]
         self._epoch = state_dict["epoch"]
         self._live = state_dict["live"]
-        self._order = state_dict["order"]
-        self._restored_order = self._order is not None and state_dict["batches_done"] > 0
+        # The order of an epoch already under way; one not begun is drawn again.
+        self._order = state_dict["order"] if state_dict["batches_done"] > 0 else None
         self._batches_done = int(state_dict["batches_done"])
         self._resume_batches = self._batches_done
         self._visits = state_dict["epoch_visits"]
@@ -355,7 +364,8 @@ class SkipMaskedSamples(Callback):
                 f"out by index; {type(dataset).__name__} is iterable-style. Use a map-style dataset, or remove "
                 "the callback."
             )
-        if type(loader.batch_sampler) is not BatchSampler or loader.batch_size is None:
+        own_batching = type(loader.batch_sampler) is BatchSampler or _is_torchdata(loader.batch_sampler, "BatchSampler")
+        if not own_batching or loader.batch_size is None:
             got = "batch_size=None" if loader.batch_sampler is None else f"batch_sampler={type(loader.batch_sampler).__name__}(...)"
             raise TypeError(
                 f"SkipMaskedSamples batches the live samples itself and needs the DataLoader's own batching "
@@ -383,10 +393,11 @@ class SkipMaskedSamples(Callback):
         # placeholder when a batch_sampler was given).
         base = loader.batch_sampler.sampler
         population: Tensor | None = None
-        if type(base) is DistributedSampler:
+        if type(base) is DistributedSampler or _is_torchdata(base, "StatefulDistributedSampler"):
             shards = {"num_replicas": base.num_replicas, "rank": base.rank, "shuffle": base.shuffle, "seed": base.seed, "drop_last": base.drop_last}
-        elif type(base) in _UNSHARDED_SAMPLERS:
-            if type(base) is RandomSampler and (base.replacement or base.num_samples != n):
+        elif type(base) in _UNSHARDED_SAMPLERS or _is_torchdata(base, "RandomSampler"):
+            random = type(base) is RandomSampler or _is_torchdata(base, "RandomSampler")
+            if random and (base.replacement or base.num_samples != n):
                 raise ValueError(
                     "SkipMaskedSamples needs every sample drawn once per epoch; RandomSampler(replacement=True) "
                     "or num_samples != len(dataset) draws some samples several times or not at all. Use shuffle=True."
@@ -420,6 +431,10 @@ class SkipMaskedSamples(Callback):
         self._population = population
         self._shards = shards
         self._base = base
+        # A loader with a state (torchdata's StatefulDataLoader) is restored by Lightning on a
+        # resume and skips the batches it had yielded itself: the sampler then starts the epoch
+        # from its first index instead of the resumed batch.
+        self._loader_skips = callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
         self._batch_size = int(loader.batch_sampler.batch_size)
         self._drop_last = bool(loader.batch_sampler.drop_last)
         sampler = _LiveSampler(dataset, self, shards["num_replicas"] if shards else 1, shards["rank"] if shards else 0)
@@ -477,7 +492,7 @@ class SkipMaskedSamples(Callback):
                 tie_break=tie_break,
             )
         self._epoch, self._live = epoch, live
-        self._order, self._restored_order = None, False
+        self._order = None
         self._batches_done = self._resume_batches = 0
         self._pending = []
 
@@ -498,17 +513,18 @@ class SkipMaskedSamples(Callback):
         """This process's live indices for the current epoch, from the resumed batch on."""
         assert self._trainer is not None
         self._plan(self._current_epoch(self._trainer))
-        if not self._restored_order:
+        if self._order is None:
+            # Drawn once per epoch: a loader that makes its iterator twice (torchdata's
+            # StatefulDataLoader does on a resume) gets the same order both times.
             base = self._base_order()
             self._order = base[self._live[base]]
-        self._restored_order = False
         shards = self._shards
         if shards and shards["num_replicas"] > 1:
             stream = shard_indices(self._order, shards["num_replicas"], shards["rank"], shards["drop_last"])
         else:
             stream = self._order
         self._stream = stream
-        start = self._resume_batches * self._batch_size
+        start = 0 if self._loader_skips else self._resume_batches * self._batch_size
         self._resume_batches = 0
         return stream[start:].tolist()
 
@@ -628,10 +644,10 @@ class SkipMaskedSamples(Callback):
         self._base: Any = None
         self._batch_size = 1
         self._drop_last = False
+        self._loader_skips = False
         self._epoch: int | None = None
         self._live: Tensor | None = None
         self._order: Tensor | None = None
-        self._restored_order = False
         self._stream: Tensor | None = None
         self._batches_done = 0
         self._resume_batches = 0
