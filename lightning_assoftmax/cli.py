@@ -203,14 +203,31 @@ class DataConfigInCheckpoint(Callback):
     ``validate`` / ``test`` / ``predict`` with ``--ckpt_path`` and no ``--data`` (on the command line
     or in a config file) then use the same data class and arguments, as Lightning already does for
     the model's. Added by :class:`ASSoftmaxCLI` to ``fit``; the checkpoint's other contents are
-    unchanged.
+    unchanged. Weights-only checkpoints (``ModelCheckpoint(save_weights_only=True)``, as the ready
+    configs save) skip the callbacks' hooks but not the module's, so the config is written from the
+    module's ``on_save_checkpoint`` for the length of the fit.
     """
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
+        self._patched: L.LightningModule | None = None
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[DATA_CONFIG_KEY] = self.data
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._patched is not None:
+            return
+        own_hook = pl_module.on_save_checkpoint
+
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            own_hook(checkpoint)
+            checkpoint[DATA_CONFIG_KEY] = self.data
+
+        pl_module.on_save_checkpoint = on_save_checkpoint
+        self._patched = pl_module
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._patched is not None:
+            vars(self._patched).pop("on_save_checkpoint", None)
+            self._patched = None
 
 
 class ASSoftmaxCLI(CompareSubcommand, LightningCLI):

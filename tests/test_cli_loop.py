@@ -363,6 +363,7 @@ def test_test_of_a_checkpoint_alone_uses_the_data_of_its_fit(tmp_path, caplog):
     with _no_warning_about("exists and is not empty"):
         checkpoint = _fit_digits()
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["lightning_assoftmax_data"]
+    assert "optimizer_states" in torch.load(checkpoint, map_location="cpu", weights_only=True)  # a full checkpoint
     assert stored == {"class_path": "lightning_assoftmax.data.Digits",
                       "init_args": {"batch_size": 96, "val_fraction": 0.2, "test_fraction": 0.25, "seed": 3}}
     with _no_warning_about("dirpath has changed"), _no_warning_about("exists and is not empty"):
@@ -411,3 +412,17 @@ def test_a_checkpoint_without_a_data_config_leaves_the_arguments_alone(tmp_path)
     assert _with_checkpoint_data(arguments) is None  # a checkpoint saved outside the CLI: nothing stored
     assert _with_checkpoint_data(["fit", f"--ckpt_path={checkpoint}"]) is None  # resuming a fit: untouched
     assert _with_checkpoint_data(["test", "--ckpt_path", str(tmp_path / "missing.ckpt")]) is None
+
+
+def test_a_weights_only_checkpoint_remembers_its_data_too(tmp_path, caplog):
+    # the ready configs save weights only: Lightning then skips the callbacks' checkpoint hooks
+    fitted = ASSoftmaxCLI(args=["fit", *DIGITS_FIT, "--trainer.callbacks+=ModelCheckpoint",
+                                "--trainer.callbacks.save_weights_only=true", "--trainer.callbacks.dirpath=weights"])
+    checkpoint = next((tmp_path / "weights").glob("*.ckpt"))
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in stored
+    assert stored["lightning_assoftmax_data"]["init_args"]["test_fraction"] == 0.25
+    # the fit is over: the module's own hook is back
+    assert "on_save_checkpoint" not in vars(fitted.model)
+    tested = ASSoftmaxCLI(args=["test", f"--ckpt_path={checkpoint}", *QUIET])
+    assert (tested.datamodule.test_fraction, tested.datamodule.seed) == (0.25, 3)
