@@ -278,7 +278,9 @@ class ASSoftmaxCLI(CompareSubcommand, LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         given = sys.argv[1:] if args is None else args
-        with_data = None if isinstance(given, (dict, Namespace)) else _with_checkpoint_data(list(map(str, given)))
+        with_data = None
+        if not isinstance(given, (dict, Namespace)):
+            with_data = _with_checkpoint_data(list(map(str, given)), tuple(getattr(self, "_subcommand_parsers", ())))
         if with_data is None:
             super().parse_arguments(parser, args)
             return
@@ -442,11 +444,12 @@ def _read_config(path: str) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
-def _with_checkpoint_data(arguments: list[str]) -> tuple[list[str], str] | None:
+def _with_checkpoint_data(arguments: list[str], subcommands: tuple[str, ...]) -> tuple[list[str], str] | None:
     """``validate`` / ``test`` / ``predict`` with a checkpoint and no data class named: the arguments
     with the checkpoint's data config (:data:`DATA_CONFIG_KEY`) placed first, so that ``--data.*``
-    options given still override it; ``None`` when the arguments stay as they are."""
-    position = next((i for i, a in enumerate(arguments) if a in ("fit", "validate", "test", "predict", "compare")), None)
+    options given still override it; ``None`` when the arguments stay as they are. ``subcommands``:
+    the CLI's subcommand names (the first argument among them is the subcommand)."""
+    position = next((i for i, a in enumerate(arguments) if a in subcommands), None)
     if position is None or arguments[position] not in ("validate", "test", "predict"):
         return None
     subcommand, before, after = arguments[position], arguments[:position], arguments[position + 1 :]
@@ -462,13 +465,14 @@ def _with_checkpoint_data(arguments: list[str]) -> tuple[list[str], str] | None:
         return None
     stored = {**stored, "init_args": dict(stored.get("init_args") or {})}
     init_args, gone = stored["init_args"], ""
-    names = checkpoint.get("hyper_parameters", {}).get("class_names")
     train_file = init_args.get("train_file")
-    if train_file and not Path(train_file).exists() and names and "class_names" in init_args:
-        # A training file moved or deleted since: the checkpoint's label names stand in for it.
-        init_args.update(train_file=None, class_names=[str(name) for name in names])
+    names = checkpoint.get("hyper_parameters", {}).get("class_names")
+    if train_file and not Path(train_file).exists() and names and init_args.get("class_names") is None:
+        # A training file moved or deleted since: the checkpoint's label names stand in for it
+        # (given to the datamodule by ASSoftmaxCLI._class_names_from_checkpoint).
+        init_args["train_file"] = None
         gone = f"; train_file {train_file} is gone, the checkpoint's class names stand in for it"
-    values = ", ".join(f"{k}={v!r}" for k, v in init_args.items() if v is not None and k != "class_names")
+    values = ", ".join(f"{k}={v!r}" for k, v in init_args.items() if v is not None)
     note = (
         f"{subcommand}: the data of the checkpoint's fit, {stored['class_path'].rsplit('.', 1)[-1]}({values}), "
         f"with any --data.* option given here on top{gone}."

@@ -409,9 +409,10 @@ def test_a_checkpoint_without_a_data_config_leaves_the_arguments_alone(tmp_path)
     trainer.fit(model, data)
     checkpoint = str(next(tmp_path.rglob("*.ckpt")))
     arguments = ["test", f"--ckpt_path={checkpoint}"]
-    assert _with_checkpoint_data(arguments) is None  # a checkpoint saved outside the CLI: nothing stored
-    assert _with_checkpoint_data(["fit", f"--ckpt_path={checkpoint}"]) is None  # resuming a fit: untouched
-    assert _with_checkpoint_data(["test", "--ckpt_path", str(tmp_path / "missing.ckpt")]) is None
+    subcommands = ("fit", "validate", "test", "predict", "compare")
+    assert _with_checkpoint_data(arguments, subcommands) is None  # a checkpoint saved outside the CLI: nothing stored
+    assert _with_checkpoint_data(["fit", f"--ckpt_path={checkpoint}"], subcommands) is None  # resuming a fit: untouched
+    assert _with_checkpoint_data(["test", "--ckpt_path", str(tmp_path / "missing.ckpt")], subcommands) is None
 
 
 def test_a_weights_only_checkpoint_remembers_its_data_too(tmp_path, caplog):

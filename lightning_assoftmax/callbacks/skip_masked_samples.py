@@ -393,10 +393,10 @@ class SkipMaskedSamples(Callback):
         # placeholder when a batch_sampler was given).
         base = loader.batch_sampler.sampler
         population: Tensor | None = None
+        random = type(base) is RandomSampler or _is_torchdata(base, "RandomSampler")
         if type(base) is DistributedSampler or _is_torchdata(base, "StatefulDistributedSampler"):
             shards = {"num_replicas": base.num_replicas, "rank": base.rank, "shuffle": base.shuffle, "seed": base.seed, "drop_last": base.drop_last}
-        elif type(base) in _UNSHARDED_SAMPLERS or _is_torchdata(base, "RandomSampler"):
-            random = type(base) is RandomSampler or _is_torchdata(base, "RandomSampler")
+        elif random or type(base) in _UNSHARDED_SAMPLERS:
             if random and (base.replacement or base.num_samples != n):
                 raise ValueError(
                     "SkipMaskedSamples needs every sample drawn once per epoch; RandomSampler(replacement=True) "
